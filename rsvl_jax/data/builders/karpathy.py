@@ -1,0 +1,245 @@
+"""The two annotation layouts of RSICD/RSITMD -- the official Karpathy-style file and PIR's own
+JSON lists (DATASETS.md) -- and the builder base that reads either. Parsers only read JSON;
+images are read while the examples are generated.
+
+Every structural problem raises DatasetError naming the file, the row and the field, because
+the reference code would crash much later (or silently mis-train) on the same input.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import pathlib
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from rsvl_jax.data.builders.common import (
+    UNKNOWN_LABEL, CaptionBuilder, DatasetError, ImageRecord, manual_file, read_json,
+    scene_from_filename)
+
+KARPATHY_SPLITS = ("train", "val", "test")
+
+
+def _field(row: Any, key: str, types, where: str):
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if key not in row:
+        raise DatasetError(f"{where}: missing field {key!r}")
+    value = row[key]
+    is_bad_bool = isinstance(value, bool) and bool not in _as_tuple(types)  # True is an int
+    if not isinstance(value, types) or is_bad_bool:
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        raise DatasetError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)
+
+
+def class_names_from_filenames(filenames) -> list[str]:
+    """Sorted distinct file-name prefixes: the scene vocabulary when the file has no labels."""
+    return sorted({s for s in (scene_from_filename(f) for f in filenames) if s is not None})
+
+
+def label_from_filename(filename: str, class_index: dict[str, int]) -> int:
+    return class_index.get(scene_from_filename(filename) or "", UNKNOWN_LABEL)
+
+
+# ----------------------------------------------------------------------------- Karpathy
+def parse_karpathy(path: pathlib.Path, encodings=("utf-8",)):
+    """Returns ({split: [ImageRecord]}, class_names, encoding used).
+
+    Scene labels come from the file-name prefix (``airport_1.jpg`` -> ``airport``), indexed
+    into the sorted list of prefixes; images without one get UNKNOWN_LABEL.
+    """
+    data, encoding = read_json(path, encodings)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{path}: expected a JSON object with an 'images' list (Karpathy format)")
+    rows = data["images"]
+    names = []
+    for i, row in enumerate(rows):
+        names.append(_field(row, "filename", str, f"{path} images[{i}]"))
+    class_names = class_names_from_filenames(names)
+    class_index = {c: k for k, c in enumerate(class_names)}
+    splits: dict[str, list[ImageRecord]] = collections.defaultdict(list)
+    for i, row in enumerate(rows):
+        where = f"{path} images[{i}] ({row['filename']})"
+        split = _field(row, "split", str, where)
+        split = "train" if split == "restval" else split  # COCO-style extra training images
+        if split not in KARPATHY_SPLITS:
+            raise DatasetError(f"{where}: field 'split' is {split!r}, expected one of {KARPATHY_SPLITS}")
+        sentences = _field(row, "sentences", list, where)
+        captions = [_field(s, "raw", str, f"{where} sentences[{j}]") for j, s in enumerate(sentences)]
+        image_id = row.get("imgid", i)
+        if not isinstance(image_id, int):
+            raise DatasetError(f"{where}: field 'imgid' should be int, got {type(image_id).__name__}")
+        splits[split].append(ImageRecord(
+            filename=row["filename"], image_id=image_id, captions=captions,
+            label=label_from_filename(row["filename"], class_index), where=where))
+    return dict(splits), class_names, encoding
+
+
+# ----------------------------------------------------------------------------- PIR's own lists
+def pir_class_names(train_rows: list[dict], path) -> list[str]:
+    """Class vocabulary from PIR train rows: ``label`` ids with their ``label_name`` (or, failing
+    that, the file-name prefix). Conflicting names for one id are an error."""
+    names: dict[int, str] = {}
+    explicit: dict[int, tuple[str, int]] = {}
+    for i, row in enumerate(train_rows):
+        label = row["label"]
+        if label < 0:
+            raise DatasetError(f"{path} row {i}: field 'label' is negative ({label})")
+        if isinstance(row.get("label_name"), str):
+            prev = explicit.setdefault(label, (row["label_name"], i))
+            if prev[0] != row["label_name"]:
+                raise DatasetError(f"{path} row {i}: label {label} is named {row['label_name']!r} "
+                                   f"but row {prev[1]} names it {prev[0]!r}")
+        elif label not in names:
+            prefix = scene_from_filename(row["image"])
+            if prefix:
+                names[label] = prefix
+    names.update({k: v[0] for k, v in explicit.items()})
+    size = max(list(names) + [r["label"] for r in train_rows], default=-1) + 1
+    return [names.get(k, f"class_{k}") for k in range(size)]
+
+
+def _check_train_rows(rows, path) -> list[dict]:
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON list of caption rows (PIR train format)")
+    for i, row in enumerate(rows):
+        where = f"{path} row {i}"
+        _field(row, "image", str, where)
+        _field(row, "caption", str, where)
+        _field(row, "image_id", int, where)
+        _field(row, "label", int, where)
+    return rows
+
+
+def parse_pir_train(path: pathlib.Path, encodings=("utf-8",)):
+    """PIR train list (one row per caption) -> (records grouped per image, class_names, encoding).
+
+    Records come in order of each ``image_id``'s first appearance, so the record index *is*
+    PIR's contiguous ``idx`` (§1.1). Rows of one image_id must agree on image and label.
+    """
+    rows, encoding = read_json(path, encodings)
+    rows = _check_train_rows(rows, path)
+    class_names = pir_class_names(rows, path)
+    by_id: dict[int, ImageRecord] = {}
+    first_row: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        rec = by_id.get(row["image_id"])
+        if rec is None:
+            first_row[row["image_id"]] = i
+            by_id[row["image_id"]] = ImageRecord(
+                filename=row["image"], image_id=row["image_id"], captions=[row["caption"]],
+                label=row["label"], where=f"{path} row {i}")
+            continue
+        first = first_row[row["image_id"]]
+        if row["image"] != rec.filename or row["label"] != rec.label:
+            raise DatasetError(
+                f"{path} row {i}: image_id {row['image_id']} has image {row['image']!r} / label "
+                f"{row['label']} but row {first} has {rec.filename!r} / label {rec.label}")
+        rec.captions.append(row["caption"])
+    return list(by_id.values()), class_names, encoding
+
+
+def parse_pir_eval(path: pathlib.Path, class_names: list[str], encodings=("utf-8",)):
+    """PIR val/test list (one row per image with a list of captions) -> (records, encoding).
+
+    ``label`` is taken from the row when present, else from the file-name prefix looked up in
+    ``class_names``; UNKNOWN_LABEL when neither works. Image ids are the row positions.
+    """
+    rows, encoding = read_json(path, encodings)
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON list of image rows (PIR val/test format)")
+    class_index = {c: k for k, c in enumerate(class_names)}
+    records = []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i}"
+        image = _field(row, "image", str, where)
+        captions = _field(row, "caption", list, where)
+        for j, c in enumerate(captions):
+            if not isinstance(c, str):
+                raise DatasetError(f"{where}: caption[{j}] should be str, got {type(c).__name__}")
+        if "label" in row:
+            label = _field(row, "label", int, where)
+            if class_names and not 0 <= label < len(class_names):
+                raise DatasetError(f"{where}: field 'label' {label} is outside the train file's "
+                                   f"{len(class_names)} classes")
+        else:
+            label = label_from_filename(image, class_index)
+        records.append(ImageRecord(filename=image, image_id=i, captions=list(captions),
+                                   label=label, where=where))
+    return records, encoding
+
+
+# ----------------------------------------------------------------------------- builder base
+@dataclasses.dataclass(eq=False)
+class AnnotationConfig(tfds.core.BuilderConfig):
+    """Which annotation files to read: the official Karpathy file or PIR's own lists."""
+
+    annotations: str = "karpathy"  # "karpathy" | "pir"
+
+
+KARPATHY_CONFIG = AnnotationConfig(
+    name="karpathy", annotations="karpathy",
+    description="Official Karpathy-style annotation file with its standard splits.")
+PIR_CONFIG = AnnotationConfig(
+    name="pir", annotations="pir",
+    description="PIR's own JSON lists <name>_train/_val/_test.json (the paper's exact splits). "
+                "Train examples are grouped per image in order of first appearance, so the "
+                "example index equals PIR's contiguous idx.")
+
+
+class KarpathyPirBuilder(CaptionBuilder, skip_registration=True):
+    """RSICD/RSITMD-style builder: Karpathy file (config 'karpathy') or PIR lists (config 'pir')."""
+
+    BUILDER_CONFIGS = [KARPATHY_CONFIG, PIR_CONFIG]
+    KARPATHY_FILE = ""  # e.g. dataset_rsicd.json
+    PIR_PREFIX = ""  # e.g. rsicd -> rsicd_train.json, rsicd_val.json, rsicd_test.json
+    IMAGE_DIRS: tuple[str, ...] = ("images",)  # image folders tried under manual_dir, then manual_dir
+    ENCODINGS: tuple[str, ...] = ("utf-8",)
+
+    def _split_generators(self, dl_manager):
+        manual = pathlib.Path(dl_manager.manual_dir)
+        roots = [manual / d for d in self.IMAGE_DIRS] + [manual]
+        if self.builder_config.annotations == "karpathy":
+            path = manual_file(manual, self.KARPATHY_FILE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+            splits, class_names, enc = parse_karpathy(path, self.ENCODINGS)
+            encodings = {path.name: enc}
+        elif self.builder_config.annotations == "pir":
+            splits, class_names, encodings = self._read_pir(manual)
+        else:
+            raise ValueError(f"unknown annotations {self.builder_config.annotations!r}")
+        if not splits:
+            raise DatasetError(f"{manual}: the annotation files list no images")
+        self._set_metadata(class_names=class_names, annotations=self.builder_config.annotations,
+                           annotation_encoding=encodings)
+        return {split: self._generate_examples(split, records, roots)
+                for split, records in splits.items()}
+
+    def _read_pir(self, manual: pathlib.Path):
+        paths = {s: manual / f"{self.PIR_PREFIX}_{s}.json" for s in KARPATHY_SPLITS}
+        present = {s: p for s, p in paths.items() if p.is_file()}
+        if "test" not in present:
+            manual_file(manual, paths["test"].name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+        splits, encodings = {}, {}
+        if "train" in present:
+            splits["train"], class_names, encodings[present["train"].name] = parse_pir_train(
+                present["train"], self.ENCODINGS)
+        else:  # evaluation only: the vocabulary is what the file names say
+            names = []
+            for p in present.values():
+                rows, _ = read_json(p, self.ENCODINGS)
+                names += [r.get("image", "") for r in rows if isinstance(r, dict)]
+            class_names = class_names_from_filenames(names)
+        for s in ("val", "test"):
+            if s in present:
+                splits[s], encodings[present[s].name] = parse_pir_eval(
+                    present[s], class_names, self.ENCODINGS)
+        return splits, class_names, encodings
+
+    def _generate_examples(self, split, records, roots):
+        yield from self._generate_from_records(split, records, roots)
