@@ -202,7 +202,9 @@ def _beam_search(model, logits, cache, cfg: GenerationConfig):
     b, v = logits.shape
     k, t, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     legacy = cfg.bos_placeholder
-    n_cand = 2 * k if legacy else max(2, 1 + len(cfg.eos_token_ids)) * k
+    # 4.29 took 2 * num_beams candidates and raised when more than num_beams were eos; the 5.x count
+    # is the same for one eos id and never runs out of live candidates.
+    n_cand = max(2, 1 + len(cfg.eos_token_ids)) * k
     if n_cand > k * v:
         raise ValueError(f"beam search needs vocab_size * num_beams >= {n_cand}")
     top_rank = jnp.arange(n_cand) < k

@@ -83,8 +83,9 @@ def table(config: ViTConfig, layout: str, *, prefix: str | None = None,
         for i in range(config.layers):
             s = f"{p}transformer.resblocks.{i}"
             for j, name in enumerate("qkv"):
-                e.append(entry(f"blocks.{i}.attn.{name}.kernel", f"{s}.attn.in_proj_weight", rows(j * w, (j + 1) * w, linear)))
-                e.append(entry(f"blocks.{i}.attn.{name}.bias", f"{s}.attn.in_proj_bias", rows(j * w, (j + 1) * w)))
+                lo, hi = j * w, (j + 1) * w  # fused in_proj rows: q, k, v
+                e.append(entry(f"blocks.{i}.attn.{name}.kernel", f"{s}.attn.in_proj_weight", rows(lo, hi, linear)))
+                e.append(entry(f"blocks.{i}.attn.{name}.bias", f"{s}.attn.in_proj_bias", rows(lo, hi)))
             e += linear_entries(f"blocks.{i}.attn.out", f"{s}.attn.out_proj")
             e += norm_entries(f"blocks.{i}.ln_1", f"{s}.ln_1")
             e += linear_entries(f"blocks.{i}.mlp.c_fc", f"{s}.mlp.c_fc")

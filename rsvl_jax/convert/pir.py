@@ -93,6 +93,13 @@ def table(config: PIRConfig, layout: str = "pir") -> tuple[list[Entry], list[Ski
     return entries, skips
 
 
+def reference_names(config: PIRConfig) -> dict[str, str]:
+    """Our variable path -> the reference's state-dict key (e.g. for the optimizer's
+    substring-based weight-decay rule, which is defined on reference names, §4.2 / Q12)."""
+    entries, _ = table(config, "pir")
+    return {e.target: e.sources[0] for e in entries}
+
+
 def plan(config: PIRConfig, tensors: Tensors):
     missing = [k for k in _ANCHORS if k not in tensors]
     if missing:
@@ -111,4 +118,4 @@ def build(config: PIRConfig, rngs) -> PIR:
 
 FAMILY = Family("pir", PRESETS, build, plan)
 
-__all__ = ["FAMILY", "LAYOUTS", "head_table", "table", "plan", "build"]
+__all__ = ["FAMILY", "LAYOUTS", "head_table", "reference_names", "table", "plan", "build"]

@@ -192,17 +192,34 @@ class TrainLoader:
                 "seed": self.seed, "num_items": len(self.items), "batch_size": self.batch_size,
                 "process_index": self.process_index, "process_count": self.process_count}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Resume at ``state`` (from ``get_state``); refuses a state from a different setup."""
+    def set_state(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Resume at ``state`` (from ``get_state``).
+
+        ``strict`` (default) refuses a state from a different setup, since the batches would
+        differ. ``strict=False`` accepts another batch size or host layout (same seed and data):
+        it resumes in the same epoch after the same number of items consumed by all hosts,
+        rounded down to a whole step -- close to, but not exactly, the uninterrupted run.
+        """
         mine = self.get_state()
-        for key in ("version", "seed", "num_items", "batch_size", "process_index", "process_count"):
+        keys = ["version", "seed", "num_items"]
+        if strict:
+            keys += ["batch_size", "process_index", "process_count"]
+        for key in keys:
             if state.get(key) != mine[key]:
+                hint = "" if not strict or key in ("version", "seed", "num_items") else \
+                    " (set_state(..., strict=False) resumes approximately)"
                 raise ValueError(f"iterator state has {key}={state.get(key)!r} but this loader "
-                                 f"has {mine[key]!r}; the batches would differ")
-        if not 0 <= int(state["step"]) < self.steps_per_epoch or int(state["epoch"]) < 0:
-            raise ValueError(f"iterator state epoch={state['epoch']} step={state['step']} is out "
-                             f"of range ({self.steps_per_epoch} steps per epoch)")
-        self._epoch, self._step, self._it = int(state["epoch"]), int(state["step"]), None
+                                 f"has {mine[key]!r}; the batches would differ{hint}")
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if not strict:
+            consumed = step * int(state["batch_size"]) * int(state["process_count"])
+            step = consumed // (self.batch_size * self.process_count)
+            if step >= self.steps_per_epoch:
+                epoch, step = epoch + 1, 0
+        if not 0 <= step < self.steps_per_epoch or epoch < 0:
+            raise ValueError(f"iterator state epoch={epoch} step={step} is out of range "
+                             f"({self.steps_per_epoch} steps per epoch)")
+        self._epoch, self._step, self._it = epoch, step, None
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -93,9 +93,6 @@ def _be(n: int) -> str:
     return "is" if n == 1 else "are"
 
 
-_SIDE_WORDS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}
-
-
 def _where(pos: str) -> str:
     """'in the middle' / 'on the left' / 'at the top' (how RS captions phrase positions)."""
     if pos == "centre":

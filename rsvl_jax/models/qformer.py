@@ -104,8 +104,9 @@ class Attention(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.heads = cfg.heads
         self.query = _dense(cfg.hidden, cfg.hidden, ("embed", "heads"), rngs, dtype)
-        self.key = _dense(kv_width, cfg.hidden, ("kv", "heads"), rngs, dtype)
-        self.value = _dense(kv_width, cfg.hidden, ("kv", "heads"), rngs, dtype)
+        kv_axis = "embed" if kv_width == cfg.hidden else "kv"  # image features: their own width
+        self.key = _dense(kv_width, cfg.hidden, (kv_axis, "heads"), rngs, dtype)
+        self.value = _dense(kv_width, cfg.hidden, (kv_axis, "heads"), rngs, dtype)
         self.out = _dense(cfg.hidden, cfg.hidden, ("heads", "embed"), rngs, dtype)
         self.norm = layer_norm(cfg.hidden, eps=cfg.eps, rngs=rngs)
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
@@ -170,6 +171,8 @@ class Layer(nnx.Module):
             f = self.mixer(h, keep, deterministic=deterministic)
         else:
             f = self.mixer(h, mask=self_mask, deterministic=deterministic)
+        if f.shape[1] > query_length and self.text_ffn is None:
+            raise ValueError("text positions given to a Q-Former built without its text side (config.text=False)")
         if query_length == 0:
             return self.text_ffn(f, deterministic=deterministic)
         q = f[:, :query_length]
@@ -220,8 +223,9 @@ class QFormer(nnx.Module):
         """The encoder on raw (pre-LayerNorm) embeddings whose first `query_length` rows are
         queries (HF `Blip2QFormerModel(query_embeds, query_length)` semantics).
 
-        attention_mask: bool, True = attend; (B, S) key padding or (B, S, S) full; used only by
-        the `attention` mixer. image_mask: bool (B, Ni), default all ones.
+        attention_mask: bool, True = attend; (B, S) key padding or (B, S, S) full; used by the
+        `attention` mixer (and by the Fourier mixer only with `fourier_mask_padding`).
+        image_mask: bool (B, Ni) for the cross-attention, default all ones.
         Returns (hidden (B, S, D), {"embeddings": after LN, "hidden_states": per-layer outputs}).
         """
         cfg = self.config

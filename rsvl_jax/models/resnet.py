@@ -149,7 +149,7 @@ class ResNet(nnx.Module):
         x = nnx.relu(self.bn1(self.conv1(x), batch_stats=batch_stats))
         # 3x3/2 max-pool, padding 1 filled with -inf (as PyTorch's MaxPool2d(3, 2, 1)).
         x = jax.lax.reduce_window(
-            x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
         )
         for stage in self.stages:
             for block in stage:

@@ -164,7 +164,6 @@ class WindowAttention(nnx.Module):
         self.num_heads = num_heads
         self.window = window
         self.scale = (dim // num_heads) ** -0.5
-        self.dtype = config.dtype
         self.qkv = layers.dense(dim, 3 * dim, ("embed", "heads"), rngs=rngs, use_bias=config.qkv_bias,
                                 kernel_init=swin_init, dtype=config.dtype)
         self.proj = layers.dense(dim, dim, ("heads", "embed"), rngs=rngs, kernel_init=swin_init, dtype=config.dtype)
@@ -173,7 +172,11 @@ class WindowAttention(nnx.Module):
         )
 
     def __call__(self, x, mask=None):
-        """x: (B, nW, N, C) windows; mask: (nW, N, N) additive or None."""
+        """x: (B, nW, N, C) windows; mask: (nW, N, N) additive or None.
+
+        Written out rather than via `layers.attention_weights` because the bias (heads) and the
+        shift mask (windows) broadcast over different axes of (B, nW, H, N, N).
+        """
         b, nw, n, c = x.shape
         h = self.num_heads
         # [q | k | v] column blocks, then heads: (3, B, nW, H, N, Dh)

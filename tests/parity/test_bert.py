@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from rsvl_jax.convert import ConversionError, from_pytorch  # noqa: E402
 from rsvl_jax.convert.core import module_variables  # noqa: E402
-from rsvl_jax.models.bert import PRESETS, Bert, BertConfig  # noqa: E402
+from rsvl_jax.models.bert import PRESETS, BertConfig  # noqa: E402
 
 CFG = PRESETS["bert_test"]
 TOL = 1e-5
@@ -28,11 +28,13 @@ def _run(model, ids, mask=None, types=None, deterministic=True):
     return model(ids, mask, types, deterministic=deterministic)
 
 
-def _live(converted, cfg=CFG):
-    """`from_pytorch` builds abstractly, so dropout rng streams are shapes, which nnx.jit
-    rejects: copy the converted parameters into a concretely built model."""
-    model = Bert(cfg, rngs=nnx.Rngs(params=0, dropout=3))
-    nnx.update(model, nnx.state(converted, nnx.Param))
+def _live(model):
+    """`from_pytorch` builds abstractly, so the dropout rng streams hold shapes, which nnx.jit
+    rejects: give them concrete keys (cheaper than initialising a second model)."""
+    def concrete(s):
+        return jax.random.key(3) if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key) else jnp.zeros(s.shape, s.dtype)
+
+    nnx.update(model, jax.tree.map(concrete, nnx.state(model, nnx.RngState)))
     return model
 
 
@@ -221,7 +223,7 @@ def test_real_minilm_weights(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = BertConfig.from_hf_config_dict(json.loads((local / "config.json").read_text()))
     converted, report = from_pytorch("bert", str(local), cfg, with_report=True)
-    ours = _live(converted, cfg)
+    ours = _live(converted)
     assert report.skipped  # position_ids buffer and pooler
     ref = transformers.BertModel.from_pretrained(str(local), attn_implementation="eager").eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(local))
@@ -232,6 +234,4 @@ def test_real_minilm_weights(monkeypatch):
         want = ref(**batch).last_hidden_state.numpy()
     got = np.asarray(_run(ours, *(_j(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))))
     real = batch["attention_mask"].numpy().astype(bool)
-    # Real weights (6 layers, |h| up to ~10) accumulate float32 rounding differently from torch's
-    # kernels: 1e-4 absolute is still ~1e-5 relative to the activations.
-    assert np.abs(got - want)[real].max() <= 1e-4
+    assert np.abs(got - want)[real].max() <= TOL  # measured 2.4e-6 with |h| up to 5

@@ -1,5 +1,4 @@
 """Builders: PIR-format and Karpathy-format files -> array_record datasets (no TensorFlow)."""
-import io
 import json
 import pathlib
 
@@ -35,10 +34,11 @@ def _pir_manual(root: pathlib.Path, n_train=23, n_eval=4, edit=None) -> pathlib.
              "rsitmd_test.json": _load("rsitmd_test.json")[:n_eval]}
     if edit:
         edit(files)
+    root.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
         (root / name).write_text(json.dumps(rows))
         for k, row in enumerate(rows):
-            if (root / row["image"]).exists() is False:
+            if not (root / row["image"]).exists():
                 _write_image(root / row["image"], seed=k)
     return root
 
@@ -57,7 +57,11 @@ def test_scene_from_filename():
 
 
 def test_parse_full_pir_files():
-    records, names, enc = K.parse_pir_train(PIR_DIR / "rsitmd_train.json")
+    records, enc = K.parse_pir_train(PIR_DIR / "rsitmd_train.json")
+    test, _ = K.parse_pir_eval(PIR_DIR / "rsitmd_test.json")
+    val, _ = K.parse_pir_eval(PIR_DIR / "rsitmd_val.json")
+    assert all(r.label == B.UNKNOWN_LABEL for r in test)  # the test file has no labels
+    names = K.assign_labels([records, val, test])
     rows = _load("rsitmd_train.json")
     assert enc == "utf-8" and len(records) == 3435 and len(names) == 33
     assert sum(len(r.captions) for r in records) == len(rows) == 17175
@@ -70,16 +74,30 @@ def test_parse_full_pir_files():
         rec = by_id[row["image_id"]]
         assert row["caption"] in rec.captions and rec.label == row["label"]
         assert names[rec.label] == row["label_name"]
-
-    test, _ = K.parse_pir_eval(PIR_DIR / "rsitmd_test.json", names)
     assert len(test) == 452 and all(len(r.captions) == 5 for r in test)
     assert all(names[r.label] == scene_from_filename(r.filename) for r in test)
-    val, _ = K.parse_pir_eval(PIR_DIR / "rsitmd_val.json", names)
     assert [r.label for r in val] == [row["label"] for row in _load("rsitmd_val.json")]
-    rsicd_names = K.class_names_from_filenames(r["image"] for r in _load("rsicd_test.json"))
-    rsicd, _ = K.parse_pir_eval(PIR_DIR / "rsicd_test.json", rsicd_names)
+
+    rsicd, _ = K.parse_pir_eval(PIR_DIR / "rsicd_test.json")
+    rsicd_names = K.class_names_from_filenames(r.filename for r in rsicd)
     assert len(rsicd_names) == 30 and len(rsicd) == 1093
-    assert sum(r.label == B.UNKNOWN_LABEL for r in rsicd) == 66  # the numbered images
+    labels = [K.label_from_filename(r.filename, {c: k for k, c in enumerate(rsicd_names)})
+              for r in rsicd]
+    assert labels.count(B.UNKNOWN_LABEL) == 66  # the images named only by a number
+
+
+def test_conflicting_rows(tmp_path):
+    rows = _load("rsitmd_train.json")
+    other = next(i for i, r in enumerate(rows) if r["image_id"] != rows[0]["image_id"])
+    bad = [dict(rows[0]), dict(rows[other], label=rows[0]["label"], label_name="not_bridge")]
+    (tmp_path / "t.json").write_text(json.dumps(bad))
+    records, _ = K.parse_pir_train(tmp_path / "t.json")
+    with pytest.raises(DatasetError, match=r"t\.json row 1: label 0 is named 'not_bridge'"):
+        K.assign_labels([records])
+    same_image = [dict(rows[0]), dict(rows[0], label=5)]
+    (tmp_path / "t.json").write_text(json.dumps(same_image))
+    with pytest.raises(DatasetError, match=r"t\.json row 1: image_id \d+ has .* label 5"):
+        K.parse_pir_train(tmp_path / "t.json")
 
 
 # ----------------------------------------------------------------------------- PIR config
@@ -104,7 +122,10 @@ def test_build_rsitmd_pir(tmp_path):
     test_rows = _load("rsitmd_test.json")[:4]
     assert [test[i]["filename"].decode() for i in range(4)] == [r["image"] for r in test_rows]
     assert isinstance(test[0]["image"], bytes)
-    assert names[test[0]["label"]] == scene_from_filename(test_rows[0]["image"])
+    for i, row in enumerate(test_rows):  # no labels in the test file: from the name, if known
+        prefix = scene_from_filename(row["image"])
+        assert test[i]["label"] == (names.index(prefix) if prefix in names else B.UNKNOWN_LABEL)
+    assert B.UNKNOWN_LABEL in [test[i]["label"] for i in range(4)]  # 'parking' is not in 23 rows
     report = b.info.metadata["build_report"]["train"]
     assert report["rows_in"] == report["examples_out"] == len(ids) and not report["dropped_rows"]
     # the metadata survives a reload from disk
@@ -152,8 +173,23 @@ def test_build_rsicd_karpathy_gb18030(tmp_path):
         assert np.array_equal(decode_image(src[0]["image"]), np.asarray(im.convert("RGB")))
 
 
+def test_karpathy_structure_errors(tmp_path):
+    path = tmp_path / "dataset_rsicd.json"
+    path.write_text(json.dumps([{"filename": "a_1.jpg"}]))
+    with pytest.raises(DatasetError, match=r"dataset_rsicd\.json: expected a JSON object with an 'images'"):
+        K.parse_karpathy(path)
+    ok = {"filename": "a_1.jpg", "split": "train", "sentences": [{"raw": "x"}]}
+    path.write_text(json.dumps({"images": [ok, {"filename": "b_2.jpg", "split": "train"}]}))
+    with pytest.raises(DatasetError, match=r"images\[1\] \(b_2\.jpg\): missing field 'sentences'"):
+        K.parse_karpathy(path)
+    path.write_text(json.dumps({"images": [dict(ok, split="dev")]}))
+    with pytest.raises(DatasetError, match=r"images\[0\] \(a_1\.jpg\): field 'split' is 'dev'"):
+        K.parse_karpathy(path)
+
+
 def test_missing_annotation_file_names_it(tmp_path):
     (tmp_path / "manual").mkdir()
+    _write_image(tmp_path / "manual" / "images" / "x_1.tif", 0)
     with pytest.raises(DatasetError, match=r"dataset_RSITMD\.json.*RSITMD"):
         _build(B.Rsitmd, tmp_path, tmp_path / "manual", "karpathy")
 
@@ -186,7 +222,7 @@ def test_missing_and_undecodable_images(tmp_path):
     manual = _pir_manual(tmp_path / "manual")
     test_rows = _load("rsitmd_test.json")[:4]
     (manual / test_rows[1]["image"]).unlink()
-    with pytest.raises(DatasetError, match=r"rsitmd_test\.json row 1: image '.*parking_229.*' not found"):
+    with pytest.raises(DatasetError, match=r"rsitmd_test\.json row 1: image 'test/park_217\.tif' not found"):
         _build(B.Rsitmd, tmp_path, manual, "pir")
     _write_image(manual / test_rows[1]["image"], 0)
     (manual / test_rows[2]["image"]).write_bytes(b"this is not an image")

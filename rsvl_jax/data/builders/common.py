@@ -25,6 +25,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from rsvl_jax.data.text import pre_caption  # text.py owns the normalisation rules
+
 log = logging.getLogger(__name__)
 
 UNKNOWN_LABEL = -1  # a scene class could not be determined (e.g. RSICD's "00017.jpg")
@@ -125,6 +127,7 @@ class ImageRecord:
     captions: list[str]
     label: int  # UNKNOWN_LABEL where the scene class is unknown
     where: str  # "file row N" for error messages
+    label_name: str | None = None  # as given by the annotation file, if it names classes
 
 
 class BuildReport:
@@ -238,8 +241,6 @@ class CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self, split: str, records: Iterable[ImageRecord], roots: Sequence[pathlib.Path]
     ) -> Iterator[tuple[int, dict]]:
         """Read each record's image, check its captions, yield examples in file order."""
-        from rsvl_jax.data.text import pre_caption  # text.py owns the normalisation rules
-
         report = BuildReport(split)
         for rec in records:
             report.rows_in += 1

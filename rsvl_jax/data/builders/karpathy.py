@@ -82,79 +82,50 @@ def parse_karpathy(path: pathlib.Path, encodings=("utf-8",)):
 
 
 # ----------------------------------------------------------------------------- PIR's own lists
-def pir_class_names(train_rows: list[dict], path) -> list[str]:
-    """Class vocabulary from PIR train rows: ``label`` ids with their ``label_name`` (or, failing
-    that, the file-name prefix). Conflicting names for one id are an error."""
-    names: dict[int, str] = {}
-    explicit: dict[int, tuple[str, int]] = {}
-    for i, row in enumerate(train_rows):
-        label = row["label"]
-        if label < 0:
-            raise DatasetError(f"{path} row {i}: field 'label' is negative ({label})")
-        if isinstance(row.get("label_name"), str):
-            prev = explicit.setdefault(label, (row["label_name"], i))
-            if prev[0] != row["label_name"]:
-                raise DatasetError(f"{path} row {i}: label {label} is named {row['label_name']!r} "
-                                   f"but row {prev[1]} names it {prev[0]!r}")
-        elif label not in names:
-            prefix = scene_from_filename(row["image"])
-            if prefix:
-                names[label] = prefix
-    names.update({k: v[0] for k, v in explicit.items()})
-    size = max(list(names) + [r["label"] for r in train_rows], default=-1) + 1
-    return [names.get(k, f"class_{k}") for k in range(size)]
-
-
-def _check_train_rows(rows, path) -> list[dict]:
-    if not isinstance(rows, list):
-        raise DatasetError(f"{path}: expected a JSON list of caption rows (PIR train format)")
-    for i, row in enumerate(rows):
-        where = f"{path} row {i}"
-        _field(row, "image", str, where)
-        _field(row, "caption", str, where)
-        _field(row, "image_id", int, where)
-        _field(row, "label", int, where)
-    return rows
-
-
 def parse_pir_train(path: pathlib.Path, encodings=("utf-8",)):
-    """PIR train list (one row per caption) -> (records grouped per image, class_names, encoding).
+    """PIR train list (one row per caption) -> (records grouped per image, encoding).
 
     Records come in order of each ``image_id``'s first appearance, so the record index *is*
     PIR's contiguous ``idx`` (§1.1). Rows of one image_id must agree on image and label.
     """
     rows, encoding = read_json(path, encodings)
-    rows = _check_train_rows(rows, path)
-    class_names = pir_class_names(rows, path)
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON list of caption rows (PIR train format)")
     by_id: dict[int, ImageRecord] = {}
     first_row: dict[int, int] = {}
     for i, row in enumerate(rows):
-        rec = by_id.get(row["image_id"])
+        where = f"{path} row {i}"
+        image = _field(row, "image", str, where)
+        caption = _field(row, "caption", str, where)
+        image_id = _field(row, "image_id", int, where)
+        label = _field(row, "label", int, where)
+        if label < 0:
+            raise DatasetError(f"{where}: field 'label' is negative ({label})")
+        name = row.get("label_name") if isinstance(row.get("label_name"), str) else None
+        rec = by_id.get(image_id)
         if rec is None:
-            first_row[row["image_id"]] = i
-            by_id[row["image_id"]] = ImageRecord(
-                filename=row["image"], image_id=row["image_id"], captions=[row["caption"]],
-                label=row["label"], where=f"{path} row {i}")
-            continue
-        first = first_row[row["image_id"]]
-        if row["image"] != rec.filename or row["label"] != rec.label:
+            first_row[image_id] = i
+            by_id[image_id] = ImageRecord(filename=image, image_id=image_id, captions=[caption],
+                                          label=label, where=where, label_name=name)
+        elif image != rec.filename or label != rec.label or name != rec.label_name:
             raise DatasetError(
-                f"{path} row {i}: image_id {row['image_id']} has image {row['image']!r} / label "
-                f"{row['label']} but row {first} has {rec.filename!r} / label {rec.label}")
-        rec.captions.append(row["caption"])
-    return list(by_id.values()), class_names, encoding
+                f"{where}: image_id {image_id} has image {image!r} / label {label} ({name}) but "
+                f"row {first_row[image_id]} has {rec.filename!r} / label {rec.label} ({rec.label_name})")
+        else:
+            rec.captions.append(caption)
+    return list(by_id.values()), encoding
 
 
-def parse_pir_eval(path: pathlib.Path, class_names: list[str], encodings=("utf-8",)):
+def parse_pir_eval(path: pathlib.Path, encodings=("utf-8",)):
     """PIR val/test list (one row per image with a list of captions) -> (records, encoding).
 
-    ``label`` is taken from the row when present, else from the file-name prefix looked up in
-    ``class_names``; UNKNOWN_LABEL when neither works. Image ids are the row positions.
+    ``label`` (and ``label_name``) are taken from the row when present (PIR's val files have
+    them); otherwise the label stays UNKNOWN_LABEL until ``assign_labels`` looks the file-name
+    prefix up. Image ids are the row positions.
     """
     rows, encoding = read_json(path, encodings)
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON list of image rows (PIR val/test format)")
-    class_index = {c: k for k, c in enumerate(class_names)}
     records = []
     for i, row in enumerate(rows):
         where = f"{path} row {i}"
@@ -163,16 +134,48 @@ def parse_pir_eval(path: pathlib.Path, class_names: list[str], encodings=("utf-8
         for j, c in enumerate(captions):
             if not isinstance(c, str):
                 raise DatasetError(f"{where}: caption[{j}] should be str, got {type(c).__name__}")
-        if "label" in row:
-            label = _field(row, "label", int, where)
-            if class_names and not 0 <= label < len(class_names):
-                raise DatasetError(f"{where}: field 'label' {label} is outside the train file's "
-                                   f"{len(class_names)} classes")
-        else:
-            label = label_from_filename(image, class_index)
+        label = _field(row, "label", int, where) if "label" in row else UNKNOWN_LABEL
+        if "label" in row and label < 0:
+            raise DatasetError(f"{where}: field 'label' is negative ({label})")
+        name = row.get("label_name") if isinstance(row.get("label_name"), str) else None
         records.append(ImageRecord(filename=image, image_id=i, captions=list(captions),
-                                   label=label, where=where))
+                                   label=label, where=where, label_name=name))
     return records, encoding
+
+
+def assign_labels(record_lists) -> list[str]:
+    """Class vocabulary of PIR-format records, and labels for the rows that have none.
+
+    Names come from ``label_name`` where given (two names for one id is an error naming both
+    rows), else from the file-name prefix of a row with that id, else ``class_<id>``. Records
+    without a label get the id of their file-name prefix, or keep UNKNOWN_LABEL.
+    """
+    explicit: dict[int, tuple[str, str]] = {}
+    from_prefix: dict[int, str] = {}
+    for records in record_lists:
+        for rec in records:
+            if rec.label == UNKNOWN_LABEL:
+                continue
+            if rec.label_name is not None:
+                prev = explicit.setdefault(rec.label, (rec.label_name, rec.where))
+                if prev[0] != rec.label_name:
+                    raise DatasetError(f"{rec.where}: label {rec.label} is named {rec.label_name!r} "
+                                       f"but {prev[1]} names it {prev[0]!r}")
+            prefix = scene_from_filename(rec.filename)
+            if prefix:
+                from_prefix.setdefault(rec.label, prefix)
+    labels = set(explicit) | set(from_prefix)
+    size = max(labels, default=-1) + 1
+    names = [explicit[k][0] if k in explicit else from_prefix.get(k, f"class_{k}")
+             for k in range(size)]
+    index = {}
+    for k, n in enumerate(names):
+        index.setdefault(n, k)
+    for records in record_lists:
+        for rec in records:
+            if rec.label == UNKNOWN_LABEL:
+                rec.label = label_from_filename(rec.filename, index)
+    return names
 
 
 # ----------------------------------------------------------------------------- builder base
@@ -226,19 +229,16 @@ class KarpathyPirBuilder(CaptionBuilder, skip_registration=True):
         if "test" not in present:
             manual_file(manual, paths["test"].name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
         splits, encodings = {}, {}
-        if "train" in present:
-            splits["train"], class_names, encodings[present["train"].name] = parse_pir_train(
-                present["train"], self.ENCODINGS)
-        else:  # evaluation only: the vocabulary is what the file names say
-            names = []
-            for p in present.values():
-                rows, _ = read_json(p, self.ENCODINGS)
-                names += [r.get("image", "") for r in rows if isinstance(r, dict)]
-            class_names = class_names_from_filenames(names)
-        for s in ("val", "test"):
-            if s in present:
-                splits[s], encodings[present[s].name] = parse_pir_eval(
-                    present[s], class_names, self.ENCODINGS)
+        for s, p in present.items():
+            parse = parse_pir_train if s == "train" else parse_pir_eval
+            splits[s], encodings[p.name] = parse(p, self.ENCODINGS)
+        if splits.get("train") or any(r.label != UNKNOWN_LABEL for v in splits.values() for r in v):
+            class_names = assign_labels(list(splits.values()))
+        else:  # no labels anywhere (evaluation only): the file-name prefixes are the classes
+            class_names = class_names_from_filenames(r.filename for v in splits.values() for r in v)
+            index = {c: k for k, c in enumerate(class_names)}
+            for r in (r for v in splits.values() for r in v):
+                r.label = label_from_filename(r.filename, index)
         return splits, class_names, encodings
 
     def _generate_examples(self, split, records, roots):
