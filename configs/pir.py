@@ -24,6 +24,7 @@ def get_config(arg=None):
     c.model = ConfigDict()
     c.model.preset = "pir_swin_t"
     c.model.is_baseline = arg.baseline
+    c.model.text_vocab_size = 0  # 0 = the preset's BERT vocabulary (30522 for bert-base-uncased)
     # Reference quirks are mirrored by default (PIR.md §7); each flag turns on a fix.
     c.model.text_mask = False  # Q5: pass attention masks to BERT and LCA
     c.model.temp_clamp = False  # Q8: clamp temperatures to [0.001, 0.5] (X-VLM)
@@ -54,6 +55,10 @@ def get_config(arg=None):
 
     # --- optimisation (PIR.md §4) ----------------------------------------------------------
     c.batch_size = 256  # global; the reference: 128 per GPU x 2 GPUs
+    # The reference's per-GPU batch. Its affiliation-loss centres (Q9) and the prior's
+    # BatchNorm statistics (Q3) are per GPU, so we compute them per shard of this size,
+    # whatever our own mesh is. The schedule counts ceil(N / batch_size) steps per epoch (Q16).
+    c.reference_device_batch = 128
     c.eval_batch_size = 128
     c.epochs = 50
     c.optim = ConfigDict()
@@ -63,12 +68,9 @@ def get_config(arg=None):
     c.optim.b2 = 0.98
     c.optim.eps = 1e-8
     c.optim.warmup_fraction = 0.1
-    c.optim.reference_schedule_batch = 128  # Q16: schedule length uses ceil(N / (128 * world))
-    c.optim.reference_world_size = 2
     c.optim.grad_clip = 0.0  # 0 = off (reference)
     c.loss = ConfigDict()
     c.loss.affiliation_weight = 1.0
-    c.loss.affiliation_shard = 128  # Q9: centres per 128-sample device shard
     c.loss.kind = "contrastive"  # or "triplet" (only when affiliation_weight == 0)
 
     # --- parallelism -----------------------------------------------------------------------
@@ -98,10 +100,8 @@ def get_config(arg=None):
         c.data.synthetic_eval_images = 100
         c.batch_size = 32
         c.eval_batch_size = 50
-        c.epochs = 8
+        c.epochs = 5
         c.optim.lr = 5e-4
-        c.optim.reference_schedule_batch = 32
-        c.optim.reference_world_size = 1
-        c.loss.affiliation_shard = 32
+        c.reference_device_batch = 32
         c.log_every = 5
     return c

@@ -175,6 +175,8 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
+    if isinstance(obj, np.dtype) or (isinstance(obj, type) and hasattr(obj, "dtype")):
+        return np.dtype(obj).name  # config dtypes (jnp.float32) -> "float32"
     return obj
 
 

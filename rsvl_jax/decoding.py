@@ -330,3 +330,14 @@ def generate(model: OPT, prefix_embeds, prefix_mask=None, config: GenerationConf
     """Jitted `decode` (compiled once per model structure, config and input shapes)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return _generate_jit(graphdef, params, rest, prefix_embeds, prefix_mask, rng, config=config)
+
+
+def make_generate(model: OPT, config: GenerationConfig):
+    """`fn(prefix_embeds, prefix_mask=None, rng=None) -> GenerationOutput` with the model split once
+    (for evaluation loops: no per-call graph traversal). Weights are captured as they are now."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def fn(prefix_embeds, prefix_mask=None, rng=None):
+        return _generate_jit(graphdef, params, rest, prefix_embeds, prefix_mask, rng, config=config)
+
+    return fn

@@ -70,7 +70,8 @@ def train_transform(config) -> TrainTransform:
 
 
 def format_metrics(metrics: dict) -> str:
-    return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+    """`split: R@1/5/10 both ways, mR` on one line (the per-direction means are in the logs)."""
+    return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.split("_", 1)[-1] in METRIC_KEYS)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,26 +6,20 @@ names (PIR.md §4.2, quirk Q12) and mirroring them on our own names would drift 
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rsvl_jax.convert.core import Entry, path_str
+from rsvl_jax.convert.core import path_str
 
 # PIR's optim.py: no weight decay for any name containing one of these substrings. It also
 # catches Swin's `relative_position_bias_table` ("bias") while FFN LayerNorm scales
 # (`ffn.1.weight`) and the temperatures are decayed (Q12) - mirrored on purpose.
 PIR_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
                 "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight")
-
-
-def torch_names(entries: Iterable[Entry]) -> dict[str, str]:
-    """Our dotted parameter path -> the PyTorch name it comes from (first source key)."""
-    return {e.target: e.sources[0] for e in entries}
 
 
 def label_tree(params: nnx.State, label: Callable[[str], str]):
@@ -60,12 +54,6 @@ def linear_warmup_decay(peak: float, total_steps: int, warmup_steps: int) -> opt
         return peak * jnp.where(step < warmup_steps, up, down)
 
     return schedule
-
-
-def reference_total_steps(num_items: int, epochs: int, batch_per_device: int, world_size: int) -> int:
-    """Q16: the reference sizes its schedule with ceil(N / (batch * world)) steps per epoch,
-    though its loader yields floor(ceil(N / world) / batch); the lr never quite reaches 0."""
-    return epochs * math.ceil(num_items / (batch_per_device * world_size))
 
 
 def pir_optimizer(labels, schedule: optax.Schedule, *, b1: float, b2: float, eps: float,

@@ -34,8 +34,13 @@ def model_config(config) -> pir_lib.PIRConfig:
     import dataclasses
 
     m = config.model
+    preset = pir_lib.PRESETS[m.preset]
+    resnet = preset.resnet and dataclasses.replace(preset.resnet, bn_group_size=config.reference_device_batch)
+    bert = preset.bert
+    if m.text_vocab_size and bert is not None:
+        bert = dataclasses.replace(bert, vocab_size=m.text_vocab_size)
     return dataclasses.replace(
-        pir_lib.PRESETS[m.preset], is_baseline=m.is_baseline, text_mask=m.text_mask,
+        preset, resnet=resnet, bert=bert, is_baseline=m.is_baseline, text_mask=m.text_mask,
         temp_clamp=True if m.temp_clamp else None, prior_bn_mode=m.prior_bn_mode,
         sort_on_logits=m.sort_on_logits,
         use_affil_loss=config.loss.affiliation_weight > 0 and not m.is_baseline,
@@ -71,6 +76,19 @@ def load_backbones(model: pir_lib.PIR, config) -> list[str]:
             nnx.update(target, nnx.state(src, nnx.Any(nnx.Param, nnx.BatchStat)))
             done.append(report.summary())
     return done
+
+
+def make_optimizer(config, mcfg: pir_lib.PIRConfig, params, num_items: int):
+    """AdamW over the reference's parameter groups with its schedule (PIR.md §4)."""
+    names = pir_convert.reference_names(mcfg)
+    labels = optim.pir_labels(params, names, frozen_prefixes=() if mcfg.finetune_prior else ("conv_encoder",))
+    sched_steps = config.epochs * -(-num_items // config.batch_size)  # Q16: ceil, not the real count
+    schedule = optim.linear_warmup_decay(
+        config.optim.lr, sched_steps, int(config.optim.warmup_fraction * sched_steps))
+    tx = optim.pir_optimizer(labels, schedule, b1=config.optim.b1, b2=config.optim.b2,
+                             eps=config.optim.eps, weight_decay=config.optim.weight_decay,
+                             grad_clip=config.optim.grad_clip)
+    return tx, schedule
 
 
 def make_train_step(graphdef, tx, config, num_shards: int):
@@ -146,18 +164,13 @@ def train(config) -> dict:
 
         # ================================================================= model + optimiser
         mcfg = model_config(config)
+        if mcfg.bert is not None and tokenizer.get_vocab_size() > mcfg.bert.vocab_size:
+            raise ValueError(
+                f"the vocabulary {config.data.vocab} has {tokenizer.get_vocab_size()} tokens but the "
+                f"text encoder embeds {mcfg.bert.vocab_size}; set --config.model.text_vocab_size")
         model, _ = build_model(mcfg, mesh, rules, config.seed)
         graphdef, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        names = optim.torch_names(pir_convert.table(mcfg)[0])
-        labels = optim.pir_labels(params, names, frozen_prefixes=() if mcfg.finetune_prior else ("conv_encoder",))
-        sched_steps = optim.reference_total_steps(
-            loader.num_items, config.epochs, config.optim.reference_schedule_batch,
-            config.optim.reference_world_size)
-        schedule = optim.linear_warmup_decay(
-            config.optim.lr, sched_steps, int(config.optim.warmup_fraction * sched_steps))
-        tx = optim.pir_optimizer(labels, schedule, b1=config.optim.b1, b2=config.optim.b2,
-                                 eps=config.optim.eps, weight_decay=config.optim.weight_decay,
-                                 grad_clip=config.optim.grad_clip)
+        tx, schedule = make_optimizer(config, mcfg, params, loader.num_items)
         opt_shardings = parallel.shardings_for_tree(jax.eval_shape(tx.init, params), mesh, rules)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
@@ -180,7 +193,7 @@ def train(config) -> dict:
             params = jax.device_put(params, parallel.shardings_for_tree(params, mesh, rules))
 
         # ================================================================= step
-        num_shards = max(1, config.batch_size // config.loss.affiliation_shard)
+        num_shards = max(1, config.batch_size // config.reference_device_batch)
         step_fn = jax.jit(make_train_step(graphdef, tx, config, num_shards), donate_argnums=(0, 1, 3))
         encoders = evaluate.Encoders(graphdef, rng_state)
 

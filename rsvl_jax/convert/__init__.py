@@ -11,6 +11,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from rsvl_jax.convert.core import ConversionError, Entry, Report, Skip, Tensors, convert, read_state_dict
@@ -65,7 +67,7 @@ def resolve_config(family: Family, config_or_preset):
     return config_or_preset
 
 
-def from_pytorch(family: str, source, config_or_preset, *, with_report: bool = False):
+def from_pytorch(family: str, source, config_or_preset, *, with_report: bool = False, seed: int = 0):
     """Build the `family` model for `config_or_preset` with weights from a PyTorch checkpoint.
 
     `source` is a path (.pth/.bin/.safetensors or an HF directory) or an in-memory state dict.
@@ -79,7 +81,23 @@ def from_pytorch(family: str, source, config_or_preset, *, with_report: bool = F
     module = nnx.eval_shape(lambda: fam.build(config, nnx.Rngs(0)))
     name = source if isinstance(source, str) else getattr(source, "name", "state dict")
     report = convert(module, tensors, entries, skips, source=str(name) if not isinstance(source, Mapping) else "state dict")
+    materialize_rngs(module, seed)
     return (module, report) if with_report else module
+
+
+def materialize_rngs(module: nnx.Module, seed: int = 0) -> None:
+    """Give a module built with `nnx.eval_shape` real RNG keys and counters (they are left
+    abstract by the abstract build), so dropout works and `nnx.jit` accepts the module."""
+    base = jax.random.key(seed)
+    state = nnx.state(module, nnx.RngState)
+    for i, (_, var) in enumerate(state.flat_state()):
+        value = var.get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):
+            if isinstance(var, nnx.RngKey):
+                var.set_value(jax.random.fold_in(base, i))
+            else:
+                var.set_value(jnp.zeros(value.shape, value.dtype))
+    nnx.update(module, state)
 
 
 __all__ = ["ConversionError", "Family", "Report", "from_pytorch", "get_family", "families", "read_state_dict"]

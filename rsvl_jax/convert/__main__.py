@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from flax import nnx
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", help="model preset (default: the family's first preset)")
     args = parser.parse_args(argv)
 
+    if os.path.exists(args.outdir):
+        print(f"error: {args.outdir} already exists; choose a new output directory", file=sys.stderr)
+        return 2
     family = get_family(args.family)
     preset = args.preset or next(iter(family.presets))
     try:

@@ -118,7 +118,9 @@ def _to_numpy(value) -> np.ndarray:
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
             value = value.float()
-        return value.numpy()
+        # A copy: .numpy() shares torch's storage, and jnp.asarray may share it again on CPU,
+        # so a later in-place torch update (BN running stats) would leak into our model.
+        return value.numpy().copy()
     return np.asarray(value)
 
 

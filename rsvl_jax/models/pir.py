@@ -218,7 +218,7 @@ class PIR(nnx.Module):
             tokens, c, self.img_sa, self.img_ca, self.mapping_img, filter_size=cfg.filter_size,
             sort_on_logits=cfg.sort_on_logits, deterministic=deterministic,
         )
-        inter.update(vir_inter, instruction=c, local=local)
+        inter.update(vir_inter, prior_features=conv_feat, instruction=c, local=local)
         return l2_normalize(g + self.head_img(local)), inter
 
     def fuse_text(self, text_tokens, *, attention_mask=None, deterministic: bool = True):

@@ -51,7 +51,6 @@ def _run(model, **kw):
             out["text_full_mask"] = m.encode_text(ids, full)
         if kw.get("train"):
             out["query_train"] = m.encode_queries(img, deterministic=False)
-            out["text_nomask"] = m.encode_text(ids)
         return out
 
     return run(state, kw["img"], kw["ids"], kw["mask"], kw.get("image_mask"))
@@ -75,8 +74,6 @@ def test_ift_fixture_outputs(ift):
     assert _maxdiff(out["query"], z["out/query_hidden"]) <= TOL
     assert _maxdiff(out["text"], z["out/text_hidden"]) <= TOL
     assert _maxdiff(out["joint"], z["out/joint_hidden"]) <= TOL
-    # The Fourier mixer ignores masks (quirk Q2): passing none gives the same text features.
-    assert _maxdiff(out["text_nomask"], z["out/text_hidden"]) <= TOL
     # Dropout is live with deterministic=False.
     assert _maxdiff(out["query_train"], out["query"]) > 1e-3
 

@@ -1,0 +1,262 @@
+"""BITA checkpoints (spec BITA §10) -> `rsvl_jax.models.bita` (families `bita_stage1`, `bita_opt`).
+
+A BITA checkpoint (`{'model': state_dict, 'optimizer': ..., ...}`, §10.1) holds only what BITA
+trains: the frozen ViT (`visual_encoder.*`) and OPT (`opt_model.*`) are not saved. So:
+
+* the families convert the *bridge* (`Stage1Bridge` / `OPTBridge`), whose variables are exactly
+  the checkpoint's trainable tensors - `python -m rsvl_jax.convert bita_opt ckpt.pth out/` works
+  and stays strict;
+* `load_bita_stage1(ckpt, vit_source)` and `load_bita_opt(ckpt, vit_source, opt_source)` build
+  the whole model from the separate files. Each part is converted strictly by its own family
+  (`clip_vit`, `opt`, `bita_*`): every tensor of every file is consumed or dropped by a named
+  rule, and the parts are disjoint subtrees, so every variable is filled by exactly one file.
+  A checkpoint that does hold `visual_encoder.*` / `opt_model.*` (a run with an unfrozen part,
+  or a full `model.state_dict()`) supplies that part itself; giving the same part twice is an error.
+* `init_bita_opt_from_stage1(stage1_ckpt, vit_source, opt_source)` is BITA's stage-2
+  initialisation (§10.3): the IFT query path and `ln_vision` from stage 1, `opt_proj` fresh.
+
+Accepted stage-1 keys (§10.2, 310 tensors): `query_tokens`, `ln_vision.*`, `{P}bert.*` (IFT),
+`{P}cls.*` (MLM head, dropped: never trained), `vision_proj.*`, `text_proj.*`, `itm_head.*`
+(dropped: never trained), `temp`. Stage 2 / caption (§10.3, 224 tensors): `query_tokens`,
+`ln_vision.*`, `{P}bert.embeddings.{position_ids, LayerNorm.*}`, the 12 layers' Fourier LN,
+cross-attention and query FFN, `opt_proj.*`. `{P}` is `Fformer.` (released checkpoints),
+`IFformer.` (code before commit 8666b2d) or `Qformer.`; `position_ids` is dropped.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+from flax import nnx
+
+from rsvl_jax.convert import Family, get_family, materialize_rngs, resolve_config
+from rsvl_jax.convert import qformer as qformer_conv
+from rsvl_jax.convert.core import (
+    ConversionError,
+    Entry,
+    Report,
+    Skip,
+    Tensors,
+    convert,
+    linear_entries,
+    norm_entries,
+    prefixed,
+    read_state_dict,
+)
+from rsvl_jax.models.bita import PRESETS, BITAConfig, BITAOPT, BITAStage1, OPTBridge, Stage1Bridge
+
+PREFIXES = ("Fformer.", "IFformer.", "Qformer.")
+FROZEN = {"vit": "visual_encoder.", "opt": "opt_model."}
+
+_ITM = Skip("itm_head (never trained, not built)", r"itm_head\.(weight|bias)")
+_FROZEN_PARTS = Skip("frozen ViT / OPT weights (not in the bridge; load_bita_* converts them)",
+                     r"(visual_encoder|opt_model)\..*")
+_STAGE1_ONLY = Skip("stage-1 heads BITA-OPT does not use (spec 10.3)",
+                    r"(vision_proj|text_proj|itm_head)\.(weight|bias)|temp")
+
+
+def _scalar(t):
+    """`temp`: a 0-d tensor (or a 1-element array) -> shape ()."""
+    t = np.asarray(t, dtype=np.float32)
+    return t.reshape(()) if t.size == 1 else t
+
+
+def _qformer(config: BITAConfig, prefix: str) -> tuple[list[Entry], list[Skip]]:
+    entries, skips = qformer_conv.table(config.qformer, "lavis", prefix=prefix)
+    return prefixed(entries, "qformer"), skips
+
+
+def stage1_table(config: BITAConfig, prefix: str = "Fformer.") -> tuple[list[Entry], list[Skip]]:
+    """`Stage1Bridge` <- a stage-1 checkpoint whose IFT lives under `prefix`."""
+    entries, skips = _qformer(config, prefix)
+    entries += norm_entries("ln_vision", "ln_vision")
+    entries += linear_entries("vision_proj", "vision_proj") + linear_entries("text_proj", "text_proj")
+    entries.append(Entry("temp", ("temp",), _scalar))
+    return entries, skips + [_ITM]
+
+
+def opt_table(config: BITAConfig, prefix: str = "Fformer.") -> tuple[list[Entry], list[Skip]]:
+    """`OPTBridge` <- a stage-2 / caption checkpoint whose IFT lives under `prefix`."""
+    entries, skips = _qformer(config, prefix)
+    entries += norm_entries("ln_vision", "ln_vision") + linear_entries("opt_proj", "opt_proj")
+    return entries, skips
+
+
+def table(config: BITAConfig, layout: str = "stage1", *, prefix: str = "Fformer.") -> tuple[list[Entry], list[Skip]]:
+    """Layouts: "stage1" (§10.2) or "opt" (§10.3)."""
+    if layout == "stage1":
+        return stage1_table(config, prefix)
+    if layout == "opt":
+        return opt_table(config, prefix)
+    raise ValueError(f"unknown BITA layout {layout!r}; known: stage1, opt")
+
+
+def reference_names(config: BITAConfig) -> dict[str, str]:
+    """Our full-model path (`bridge.…`) -> the reference's state-dict name, for BITA's
+    name-based weight-decay rule (§8.1: no decay if ndim < 2 or "bias"/"ln"/"bn" in the name)."""
+    entries, _ = table(config, "stage1" if config.opt is None else "opt")
+    return {f"bridge.{e.target}": e.sources[0] for e in entries}
+
+
+# ----------------------------------------------------------------------------------------
+# Layout detection and the two families.
+# ----------------------------------------------------------------------------------------
+def detect_prefix(tensors: Tensors) -> str:
+    """The IFT's module prefix (`Fformer.`, `IFformer.` or `Qformer.`), or a ConversionError."""
+    for p in PREFIXES:
+        if any(k.startswith(f"{p}bert.encoder.layer.0.") for k in tensors):
+            if any(re.match(rf"{re.escape(p)}bert\.encoder\.layer\.\d+\.attention\.self\.", k) for k in tensors):
+                raise ConversionError(
+                    f"{p}bert.encoder.layer.*.attention.self.* found: this is a BLIP-2 Q-Former (self-attention), "
+                    "not BITA's Fourier IFT; BITA never loads these weights (spec 10.4) - use family blip2_qformer")
+            return p
+    raise ConversionError(
+        "not a BITA checkpoint: expected the IFT under one of "
+        f"{', '.join(p + 'bert.encoder.layer.0.*' for p in PREFIXES)}; first keys: {sorted(tensors)[:8]}")
+
+
+def plan_stage1(config: BITAConfig, tensors: Tensors):
+    prefix = detect_prefix(tensors)
+    if "opt_proj.weight" in tensors:
+        raise ConversionError("this is a BITA-OPT checkpoint (it has opt_proj.weight): use family bita_opt")
+    entries, skips = stage1_table(config, prefix)
+    return tensors, entries, skips + [_FROZEN_PARTS]
+
+
+def plan_opt(config: BITAConfig, tensors: Tensors):
+    prefix = detect_prefix(tensors)
+    if "opt_proj.weight" not in tensors and "text_proj.weight" in tensors:
+        raise ConversionError(
+            "this is a stage-1 checkpoint (text_proj, no opt_proj): use family bita_stage1, or "
+            "rsvl_jax.convert.bita.init_bita_opt_from_stage1 to start stage 2 from it (spec 10.3)")
+    entries, skips = opt_table(config, prefix)
+    return tensors, entries, skips + [_FROZEN_PARTS]
+
+
+def _stage1_presets():
+    return {k: v for k, v in PRESETS.items() if v.opt is None}
+
+
+def _opt_presets():
+    return {k: v for k, v in PRESETS.items() if v.opt is not None}
+
+
+FAMILIES = {
+    "bita_stage1": Family("bita_stage1", _stage1_presets(), lambda c, rngs: Stage1Bridge(c, rngs=rngs), plan_stage1),
+    "bita_opt": Family("bita_opt", _opt_presets(), lambda c, rngs: OPTBridge(c, rngs=rngs), plan_opt),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Whole models from several files.
+# ----------------------------------------------------------------------------------------
+def _name(source) -> str:
+    return "state dict" if isinstance(source, Mapping) else str(source)
+
+
+def _convert_family(family: str, tensors: Tensors, config, source: str, seed: int) -> tuple[nnx.Module, Report]:
+    """Strict conversion of one part (abstract build, then fill), with real dropout keys."""
+    fam = get_family(family)
+    tensors, entries, skips = fam.plan(config, tensors)
+    module = nnx.eval_shape(lambda: fam.build(config, nnx.Rngs(0)))
+    report = convert(module, tensors, entries, skips, source=f"{source} ({family})")
+    materialize_rngs(module, seed)
+    return module, report
+
+
+def _split(tensors: Tensors) -> tuple[dict, dict, dict]:
+    """(ViT tensors, OPT tensors, the rest) of a BITA state dict, prefixes removed."""
+    parts = {name: {} for name in FROZEN}
+    rest = {}
+    for k, v in tensors.items():
+        for name, p in FROZEN.items():
+            if k.startswith(p):
+                parts[name][k[len(p):]] = v
+                break
+        else:
+            rest[k] = v
+    return parts["vit"], parts["opt"], rest
+
+
+def _frozen_part(own: dict, source, what: str, arg: str, bita_name: str):
+    """The tensors of a frozen part: from the BITA checkpoint or from `source`, never both."""
+    if own and source is not None:
+        raise ConversionError(
+            f"the {what} weights are both in {bita_name} ({len(own)} `{FROZEN[what]}*` tensors) and in {_name(source)}; "
+            f"pass {arg}=None to use the checkpoint's, or remove them from it")
+    if not own and source is None:
+        raise ConversionError(f"{bita_name} holds no {what} weights (BITA does not save frozen parts, spec 10.1): "
+                              f"pass {arg}")
+    return (own, f"{bita_name}:{FROZEN[what]}*") if own else (read_state_dict(source), _name(source))
+
+
+def load_bita_stage1(bita_source, vit_source=None, config: BITAConfig | str = "bita_stage1_vitl", *, seed: int = 0,
+                     with_report: bool = False):
+    """`BITAStage1` from a stage-1 checkpoint + the CLIP ViT file (LAVIS `clip_vit_L.pth`, an
+    OpenAI/HF CLIP state dict, see family clip_vit). Returns the model (and {part: Report})."""
+    config = resolve_config(FAMILIES["bita_stage1"], config)
+    name = _name(bita_source)
+    vit_t, opt_t, rest = _split(read_state_dict(bita_source))
+    if opt_t:
+        raise ConversionError(f"{name}: unexpected keys for a stage-1 model:\n  " +
+                              "\n  ".join(sorted(f"opt_model.{k}" for k in opt_t)[:20]))
+    vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
+    vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
+    bridge, r_bita = _convert_family("bita_stage1", rest, config, name, seed)
+    model = BITAStage1(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge)
+    return (model, {"vit": r_vit, "bita": r_bita}) if with_report else model
+
+
+def load_bita_opt(bita_source, vit_source=None, opt_source=None, config: BITAConfig | str = "bita_opt_2_7b", *,
+                  seed: int = 0, with_report: bool = False):
+    """`BITAOPT` from a stage-2 / caption checkpoint + the CLIP ViT file + the OPT weights (an
+    HF `facebook/opt-2.7b` directory or state dict). Returns the model (and {part: Report})."""
+    config = resolve_config(FAMILIES["bita_opt"], config)
+    name = _name(bita_source)
+    vit_t, opt_t, rest = _split(read_state_dict(bita_source))
+    vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
+    opt_t, opt_name = _frozen_part(opt_t, opt_source, "opt", "opt_source", name)
+    vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
+    opt, r_opt = _convert_family("opt", opt_t, config.opt, opt_name, seed + 1)
+    bridge, r_bita = _convert_family("bita_opt", rest, config, name, seed)
+    model = BITAOPT(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge, opt_model=opt)
+    return (model, {"vit": r_vit, "opt": r_opt, "bita": r_bita}) if with_report else model
+
+
+class _Parts(nnx.Module):
+    """A temporary view of some bridge submodules, so `convert` can fill just those strictly."""
+
+    def __init__(self, **modules):
+        for k, v in modules.items():
+            setattr(self, k, v)
+
+
+def init_bita_opt_from_stage1(stage1_source, vit_source=None, opt_source=None,
+                              config: BITAConfig | str = "bita_opt_2_7b", *, seed: int = 0,
+                              with_report: bool = False):
+    """BITA's stage-2 start (§9, §10.3): `query_tokens`, `ln_vision` and the IFT query path
+    (embedding LN, Fourier LNs, cross-attention, query FFNs) from a stage-1 checkpoint; the
+    text side, MLM head, ITC heads and `temp` dropped by named rules; `opt_proj` freshly
+    initialised (torch default init, `seed`). Unlike the reference's `strict=False` load,
+    a missing query-path tensor is an error (Q20: stage 2 must start from stage-1 weights)."""
+    config = resolve_config(FAMILIES["bita_opt"], config)
+    name = _name(stage1_source)
+    vit_t, opt_t, rest = _split(read_state_dict(stage1_source))
+    if opt_t:
+        raise ConversionError(f"{name} has opt_model.* tensors: not a stage-1 checkpoint")
+    vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
+    opt_t, opt_name = _frozen_part({}, opt_source, "opt", "opt_source", name)
+    vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
+    opt, r_opt = _convert_family("opt", opt_t, config.opt, opt_name, seed + 1)
+    bridge = OPTBridge(config, rngs=nnx.Rngs(seed))  # opt_proj keeps this init
+    entries, skips = _qformer(config, detect_prefix(rest))  # text=False: the text side is skipped
+    entries += norm_entries("ln_vision", "ln_vision")
+    r_bita = convert(_Parts(ln_vision=bridge.ln_vision, qformer=bridge.qformer), rest, entries,
+                     skips + [_STAGE1_ONLY], source=f"{name} (stage 1 -> bita_opt)")
+    model = BITAOPT(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge, opt_model=opt)
+    return (model, {"vit": r_vit, "opt": r_opt, "bita": r_bita}) if with_report else model
+
+
+__all__ = ["FAMILIES", "PREFIXES", "table", "stage1_table", "opt_table", "reference_names", "detect_prefix",
+           "load_bita_stage1", "load_bita_opt", "init_bita_opt_from_stage1"]
