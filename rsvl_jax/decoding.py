@@ -2,8 +2,9 @@
 
 Each strategy is one `lax.while_loop` (prefill, then one token per iteration) with the
 `KVCache` pytree threaded through, static shapes, and the loop ending early once every
-sequence is done. Beams live as `batch * num_beams` rows; beam reordering is a row gather of
-the cache.
+sequence is done. The prefix is prefilled once per batch entry and shared by its beams; beams
+live as `batch * num_beams` rows of the generated-token cache, and reordering them is a row
+gather of that (small) part only.
 
 Semantics follow HF `model.generate(inputs_embeds=..., attention_mask=...)`:
 
@@ -135,11 +136,13 @@ def _is_eos(tokens, cfg: GenerationConfig):
 # ----------------------------------------------------------------------------------------
 # Model steps
 # ----------------------------------------------------------------------------------------
-def _prefill(model: OPT, prefix_embeds, prefix_mask, max_new: int):
+def _prefill(model: OPT, prefix_embeds, prefix_mask, rows_per_entry: int, max_new: int):
+    """Prefill the prefix once per batch entry; the continuations (beams) get their own
+    `max_new`-slot buffers on top of it, sharing the prefix keys/values (`KVCache.fork`)."""
     b, p = prefix_embeds.shape[:2]
-    cache = model.init_cache(b, p + max_new)
+    cache = model.init_cache(b, p)
     h, cache = model.hidden_states(inputs_embeds=prefix_embeds, attention_mask=prefix_mask, cache=cache)
-    return model.logits(h[:, -1]), cache  # LM head on the last column only
+    return model.logits(h[:, -1]), cache.fork(rows_per_entry, max_new)  # LM head on the last column only
 
 
 def _extend(model: OPT, tokens, cache: KVCache):
@@ -147,24 +150,20 @@ def _extend(model: OPT, tokens, cache: KVCache):
     return model.logits(h[:, 0]), cache
 
 
-def _maybe_extend(model, go, tokens, logits, cache):
-    """Run the model on the new tokens unless the loop is about to end (saves the last pass)."""
-    return jax.lax.cond(go, lambda: _extend(model, tokens, cache), lambda: (logits, cache))
-
-
 # ----------------------------------------------------------------------------------------
 # Greedy and sampling
 # ----------------------------------------------------------------------------------------
+# Both searches are `select` (pick the next tokens from logits) and the loop
+# `while not stop: logits = extend(tokens); select(logits)`, with the first select on the
+# prefill logits peeled off. No model pass is wasted after the last token, and there is no
+# `lax.cond` around the model, which made XLA copy the whole cache every step.
 def _search_one(model, logits, cache, cfg: GenerationConfig, rng):
     b = logits.shape[0]
     t = cfg.max_new_tokens
 
-    def cond(s):
-        return (s["n"] < t) & ~jnp.all(s["done"])
-
-    def body(s):
+    def select(s, logits):
         n = s["n"]
-        scores = _process(s["logits"], n, s["tokens"], cfg)
+        scores = _process(logits, n, s["tokens"], cfg)
         if cfg.method == "sample":
             scores = _warp(scores, cfg)
             tok = jax.random.categorical(jax.random.fold_in(rng, n), scores, axis=-1)
@@ -175,14 +174,17 @@ def _search_one(model, logits, cache, cfg: GenerationConfig, rng):
         live = ~s["done"]
         tok = jnp.where(live, tok, cfg.pad_token_id)
         done = s["done"] | _is_eos(tok, cfg)
-        go = (n + 1 < t) & ~jnp.all(done)
-        logits, cache = _maybe_extend(model, go, tok, s["logits"], s["cache"])
-        return dict(n=n + 1, logits=logits, cache=cache, tokens=s["tokens"].at[:, n].set(tok), done=done,
+        return dict(s, n=n + 1, stop=(n + 1 >= t) | jnp.all(done), tokens=s["tokens"].at[:, n].set(tok), done=done,
                     score=s["score"] + jnp.where(live, logp, 0.0), length=s["length"] + live)
 
-    s = dict(n=jnp.int32(0), logits=logits, cache=cache, tokens=jnp.full((b, t), cfg.pad_token_id, jnp.int32),
-             done=jnp.zeros((b,), bool), score=jnp.zeros((b,), jnp.float32), length=jnp.zeros((b,), jnp.int32))
-    s = jax.lax.while_loop(cond, body, s)
+    def body(s):
+        logits, cache = _extend(model, s["tokens"][:, s["n"] - 1], s["cache"])
+        return select(dict(s, cache=cache), logits)
+
+    s = dict(n=jnp.int32(0), stop=jnp.bool_(False), cache=cache,
+             tokens=jnp.full((b, t), cfg.pad_token_id, jnp.int32), done=jnp.zeros((b,), bool),
+             score=jnp.zeros((b,), jnp.float32), length=jnp.zeros((b,), jnp.int32))
+    s = jax.lax.while_loop(lambda s: ~s["stop"], body, select(s, logits))
     return GenerationOutput(s["tokens"], s["score"], s["length"])
 
 
@@ -210,14 +212,12 @@ def _beam_search(model, logits, cache, cfg: GenerationConfig):
     top_rank = jnp.arange(n_cand) < k
     norm = lambda length: jnp.asarray(length, jnp.float32) ** lp
 
-    def cond(s):
-        return ~s["stop"]
-
-    def body(s):
+    def select(s, logits):
+        """One HF beam step from the logits of the running beams (B*K, V)."""
         n = s["n"]
         n_after = n + 1
         last = n_after >= t
-        logp = jax.nn.log_softmax(s["logits"], axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
         logp = _process(logp, n, s["run_seqs"].reshape(b * k, t), cfg)
         acc = (logp.reshape(b, k, v) + s["run_scores"][:, :, None]).reshape(b, k * v)
         cand_scores, flat = jax.lax.top_k(acc, n_cand)  # (B, C), sorted
@@ -264,25 +264,21 @@ def _beam_search(model, logits, cache, cfg: GenerationConfig):
             active = active & ~done
             # at the length limit, `finalize` offers the running beams of unfinished entries
             offer = active[:, None] & last
-            fin = jax.lax.cond(
-                last,
-                lambda f: _merge(f, (run_seqs, jnp.where(offer, run_scores / norm(t + 1), -jnp.inf),
-                                     jnp.broadcast_to(offer, run_scores.shape), jnp.full_like(sel, t)), k),
-                lambda f: f,
-                fin,
-            )
+            fin = _merge(fin, (run_seqs, jnp.where(offer, run_scores / norm(t + 1), -jnp.inf), offer,
+                               jnp.full_like(sel, t)), k)
             stop = ~jnp.any(active) | last
 
         rows = (jnp.arange(b)[:, None] * k + run_src).reshape(-1)
-        cache = s["cache"].take(rows)
-        logits, cache = _maybe_extend(model, ~stop, run_seqs[:, :, n].reshape(-1), s["logits"], cache)
-        return dict(n=n_after, stop=stop, logits=logits, cache=cache, run_seqs=run_seqs, run_scores=run_scores,
+        return dict(n=n_after, stop=stop, cache=s["cache"].take(rows), run_seqs=run_seqs, run_scores=run_scores,
                     fin_seqs=fin[0], fin_scores=fin[1], fin_flags=fin[2], fin_lens=fin[3], active=active)
+
+    def body(s):
+        logits, cache = _extend(model, s["run_seqs"][:, :, s["n"] - 1].reshape(-1), s["cache"])
+        return select(dict(s, cache=cache), logits)
 
     fin_init = jnp.float32(NEG) if not legacy else -jnp.inf
     s = dict(
-        n=jnp.int32(0), stop=jnp.bool_(False),
-        logits=jnp.repeat(logits, k, axis=0), cache=cache.repeat(k),
+        n=jnp.int32(0), stop=jnp.bool_(False), cache=cache,
         run_seqs=jnp.full((b, k, t), cfg.pad_token_id, jnp.int32),
         run_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG),  # only beam 0 starts live
         fin_seqs=jnp.full((b, k, t), cfg.pad_token_id, jnp.int32),
@@ -290,7 +286,7 @@ def _beam_search(model, logits, cache, cfg: GenerationConfig):
         fin_flags=jnp.zeros((b, k), bool), fin_lens=jnp.zeros((b, k), jnp.int32),
         active=jnp.ones((b,), bool),
     )
-    s = jax.lax.while_loop(cond, body, s)
+    s = jax.lax.while_loop(lambda s: ~s["stop"], body, select(s, jnp.repeat(logits, k, axis=0)))
     return GenerationOutput(s["fin_seqs"][:, 0], s["fin_scores"][:, 0], s["fin_lens"][:, 0])
 
 
@@ -314,7 +310,7 @@ def decode(model: OPT, prefix_embeds, prefix_mask=None, config: GenerationConfig
     mask = jnp.ones((b, p), jnp.int32) if prefix_mask is None else jnp.asarray(prefix_mask, jnp.int32)
     if config.method == "sample" and rng is None:
         raise ValueError("sampling needs an rng key")
-    logits, cache = _prefill(model, prefix_embeds, mask, config.max_new_tokens)
+    logits, cache = _prefill(model, prefix_embeds, mask, config.num_beams, config.max_new_tokens)
     if config.method == "beam":
         return _beam_search(model, logits, cache, config)
     return _search_one(model, logits, cache, config, rng)

@@ -78,7 +78,9 @@ def from_pytorch(family: str, source, config_or_preset, *, with_report: bool = F
     config = resolve_config(fam, config_or_preset)
     tensors = read_state_dict(source)
     tensors, entries, skips = fam.plan(config, tensors)
-    module = nnx.eval_shape(lambda: fam.build(config, nnx.Rngs(0)))
+    # jax.eval_shape (not nnx.eval_shape, which would turn the logical axis names into
+    # shardings of whatever mesh is active) gives an abstract module to fill.
+    module = nnx.merge(*jax.eval_shape(lambda: nnx.split(fam.build(config, nnx.Rngs(0)))))
     name = source if isinstance(source, str) else getattr(source, "name", "state dict")
     report = convert(module, tensors, entries, skips, source=str(name) if not isinstance(source, Mapping) else "state dict")
     materialize_rngs(module, seed)

@@ -278,3 +278,23 @@ def convert(
     report.converted = len(consumed)
     report.parameters = int(sum(v.size for v in values.values()))
     return report
+
+
+# ----------------------------------------------------------------------------------------
+# The way back: our variables -> a PyTorch-named state dict.
+# ----------------------------------------------------------------------------------------
+_INVERSE = {identity: lambda a: a, linear: lambda a: a.T, conv: lambda a: a.transpose(3, 2, 0, 1)}
+
+
+def export(module: nnx.Module, entries: Sequence[Entry]) -> dict[str, np.ndarray]:
+    """Write `module`'s variables under the PyTorch names of `entries` (for one-to-one entries
+    whose hook is identity, linear or conv; other hooks are shape-only, e.g. scalars, and are
+    treated as identity). Used to hand weights back to the reference code and in tests."""
+    variables = module_variables(module)
+    out = {}
+    for e in entries:
+        if len(e.sources) != 1:
+            raise ValueError(f"cannot export {e.target}: it is built from {len(e.sources)} tensors")
+        value = np.asarray(variables[e.target].get_value())
+        out[e.sources[0]] = np.ascontiguousarray(_INVERSE.get(e.hook, lambda a: a)(value))
+    return out

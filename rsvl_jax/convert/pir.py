@@ -11,7 +11,9 @@ weights are whatever the reference had; see §7 Q1).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -100,6 +102,30 @@ def reference_names(config: PIRConfig) -> dict[str, str]:
     return {e.target: e.sources[0] for e in entries}
 
 
+def checkpoint_structure(tensors: Tensors) -> dict:
+    """The structural config values a PIR state dict implies (from its key names/shapes)."""
+    count = lambda name: len({k.split(".")[1] for k in tensors if k.startswith(f"{name}.")})  # noqa: E731
+    return {
+        "is_baseline": "conv_proj.weight" not in tensors,
+        "instru_num": count("mapping_img"),
+        "cycle_num": count("mapping_txt"),
+        "embed_dim": int(np.shape(tensors["vision_proj.weight"])[0]),
+    }
+
+
+def config_from_reference(reference: Mapping[str, Any], base: PIRConfig | None = None) -> PIRConfig:
+    """A PIRConfig from the reference's YAML dict (a checkpoint's `config` entry, §8.1):
+    `embed_dim`, `filter_size`, `instru_num`, `cycle_num`, `dropout_r`, `head`, `is_baseline`,
+    `temp1`, `temp2`, `use_affil_loss`, `use_triplet_loss`; encoders come from `base`
+    (default: the paper preset). Keys it does not know are ignored."""
+    base = PRESETS["pir_swin_t"] if base is None else base
+    names = {"embed_dim": "embed_dim", "filter_size": "filter_size", "instru_num": "instru_num",
+             "cycle_num": "cycle_num", "dropout_r": "dropout", "head": "heads", "is_baseline": "is_baseline",
+             "temp1": "temp_init", "temp2": "temp2_init", "use_affil_loss": "use_affil_loss",
+             "use_triplet_loss": "use_triplet_loss"}
+    return dataclasses.replace(base, **{ours: reference[ref] for ref, ours in names.items() if ref in reference})
+
+
 def plan(config: PIRConfig, tensors: Tensors):
     missing = [k for k in _ANCHORS if k not in tensors]
     if missing:
@@ -107,6 +133,15 @@ def plan(config: PIRConfig, tensors: Tensors):
         raise ConversionError(
             f"not a PIR checkpoint: missing {', '.join(missing)} (first keys: {sample}). "
             "For a bare Swin/BERT/ResNet checkpoint use the swin / bert / resnet50 families."
+        )
+    found = checkpoint_structure(tensors)
+    if found["is_baseline"]:  # a baseline has no mappings: don't compare their counts
+        found = {"is_baseline": True, "embed_dim": found["embed_dim"]}
+    wrong = [f"{k}={v} (config: {getattr(config, k)})" for k, v in found.items() if getattr(config, k) != v]
+    if wrong:
+        raise ConversionError(
+            f"the checkpoint's structure does not match the config: {', '.join(wrong)}; "
+            "build the config from the checkpoint's 'config' entry (config_from_reference)"
         )
     entries, skips = table(config, "pir")
     return tensors, entries, skips
@@ -118,4 +153,5 @@ def build(config: PIRConfig, rngs) -> PIR:
 
 FAMILY = Family("pir", PRESETS, build, plan)
 
-__all__ = ["FAMILY", "LAYOUTS", "head_table", "reference_names", "table", "plan", "build"]
+__all__ = ["FAMILY", "LAYOUTS", "checkpoint_structure", "config_from_reference", "head_table", "reference_names",
+           "table", "plan", "build"]

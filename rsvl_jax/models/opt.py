@@ -116,33 +116,57 @@ PRESETS: dict[str, OPTConfig] = {
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer key/value buffers (B, heads, max_len, head_dim), the attention mask of the
-    slots written so far (B, max_len; 0 for pads and unwritten slots) and the next free slot."""
+    """Per-layer key/value buffers (N, heads, max_len, head_dim), the attention mask of the
+    slots written so far (N, max_len; 0 for pads and unwritten slots) and the next free slot.
+
+    `shared` optionally holds a read-only prefix cache of B = N / group rows (slots before
+    ours): beams of one batch entry share their prefill instead of each carrying a copy, so
+    reordering beams only moves the generated part (`fork`).
+    """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
+    shared: "KVCache | None" = None
 
     @property
     def max_len(self) -> int:
         return self.mask.shape[1]
 
     def take(self, rows: jax.Array) -> "KVCache":
-        """Select/reorder batch rows (beam search); `rows` indexes the batch axis."""
+        """Select/reorder rows (beam search); a shared prefix is left as it is, so `rows` must
+        stay within each row's batch entry when there is one."""
         take = lambda x: jnp.take(x, rows, axis=0)
-        return KVCache(tuple(map(take, self.k)), tuple(map(take, self.v)), take(self.mask), self.index)
+        return KVCache(tuple(map(take, self.k)), tuple(map(take, self.v)), take(self.mask), self.index, self.shared)
 
     def repeat(self, n: int) -> "KVCache":
-        """Each row n times in a row ((b0, b0, ..., b1, ...)): expand a prefill to beams."""
+        """Each row n times in a row ((b0, b0, ..., b1, ...)), buffers copied."""
         rep = lambda x: jnp.repeat(x, n, axis=0)
-        return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.mask), self.index)
+        shared = None if self.shared is None else self.shared.repeat(n)
+        return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.mask), self.index, shared)
+
+    def fork(self, n: int, max_len: int) -> "KVCache":
+        """`n` continuations per row on top of this (filled) cache, kept as a shared prefix:
+        fresh buffers of `max_len` slots for N = rows * n rows."""
+        if self.shared is not None:
+            raise ValueError("cannot fork a cache that already has a shared prefix")
+        rows = self.mask.shape[0] * n
+        zeros = lambda x: jnp.zeros((rows,) + x.shape[1:2] + (max_len,) + x.shape[3:], x.dtype)
+        prefix = KVCache(self.k, self.v, self.mask, self.index)
+        return KVCache(tuple(map(zeros, self.k)), tuple(map(zeros, self.v)),
+                       jnp.zeros((rows, max_len), jnp.int32), jnp.zeros((), jnp.int32), prefix)
 
 
 def _positions(full_mask, start, length):
     """HF OPT positions of slots [start, start+length) given the mask of all slots, + offset 2."""
     pos = jnp.cumsum(full_mask, axis=1) * full_mask - 1
     return jax.lax.dynamic_slice_in_dim(pos, start, length, axis=1) + 2
+
+
+def _grouped(x, rows):
+    """(B, ...) -> (rows, ...) by repeating each entry rows // B times."""
+    return jnp.repeat(x, rows // x.shape[0], axis=0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,11 +184,13 @@ class OPTAttention(nnx.Module):
         self.out_proj = layers.dense(d, d, ("heads", "embed"), **kw)
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
 
-    def __call__(self, x, key_mask, q_slots, cache_kv=None, start=None, *, deterministic: bool):
-        """x (B, L, D); key_mask (B, T) bool over all key slots; q_slots (L,) slot ids of x.
+    def __call__(self, x, key_mask, q_slots, cache_kv=None, start=None, shared_kv=None, *, deterministic: bool):
+        """x (N, L, D); key_mask (N, S) bool over all key slots (shared prefix first);
+        q_slots (L,) absolute slot ids of x.
 
-        With `cache_kv=(K, V)` the new keys/values are written at slot `start` and attention
-        runs over all T cached slots; otherwise over the L new ones (T = L).
+        With `cache_kv=(K, V)` the new keys/values are written at slot `start` of those buffers
+        and attention runs over all their slots (plus `shared_kv`'s (B, H, P, Dh) prefix keys,
+        each used by N / B consecutive rows); otherwise over the L new ones.
         """
         q = layers.split_heads(self.q_proj(x) * self.scale, self.heads)  # HF scales after the bias
         k = layers.split_heads(self.k_proj(x), self.heads)
@@ -172,11 +198,26 @@ class OPTAttention(nnx.Module):
         if cache_kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), start, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), start, axis=2)
-        causal = jnp.arange(k.shape[2])[None, :] <= q_slots[:, None]  # (L, T)
+        causal = jnp.arange(key_mask.shape[1])[None, :] <= q_slots[:, None]  # (L, S)
         mask = causal[None, None] & key_mask[:, None, None, :]
-        probs = layers.attention_weights(q, k, scale=1.0, mask=mask).astype(v.dtype)
+        logits = jnp.einsum("nhqd,nhkd->nhqk", q, k)
+        if shared_kv is not None:
+            pk, pv = shared_kv
+            n, h, length, dh = q.shape
+            qg = q.reshape(pk.shape[0], n // pk.shape[0], h, length, dh)
+            pre = jnp.einsum("bghqd,bhpd->bghqp", qg, pk).reshape(n, h, length, pk.shape[2])
+            logits = jnp.concatenate([pre, logits], axis=-1)
+        logits = jnp.where(mask, logits.astype(jnp.float32), layers.MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        out = self.out_proj(layers.merge_heads(jnp.einsum("bhqk,bhkd->bhqd", probs, v)))
+        if shared_kv is None:
+            ctx = jnp.einsum("nhqk,nhkd->nhqd", probs, v)
+        else:
+            p_len = pk.shape[2]
+            pg = probs[..., :p_len].reshape(pk.shape[0], n // pk.shape[0], h, length, p_len)
+            ctx = jnp.einsum("bghqp,bhpd->bghqd", pg, pv).reshape(n, h, length, dh)
+            ctx = ctx + jnp.einsum("nhqk,nhkd->nhqd", probs[..., p_len:], v)
+        out = self.out_proj(layers.merge_heads(ctx))
         return out, (k, v)
 
 
@@ -192,9 +233,9 @@ class OPTDecoderLayer(nnx.Module):
         self.final_layer_norm = layers.layer_norm(cfg.hidden, eps=cfg.layer_norm_eps, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-    def __call__(self, x, key_mask, q_slots, cache_kv=None, start=None, *, deterministic: bool):
+    def __call__(self, x, key_mask, q_slots, cache_kv=None, start=None, shared_kv=None, *, deterministic: bool):
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, kv = self.self_attn(h, key_mask, q_slots, cache_kv, start, deterministic=deterministic)
+        h, kv = self.self_attn(h, key_mask, q_slots, cache_kv, start, shared_kv, deterministic=deterministic)
         x = x + self.dropout(h, deterministic=deterministic)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -247,28 +288,33 @@ class OPT(nnx.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
         b, length = x.shape[:2]
         mask = jnp.ones((b, length), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        shared = None if cache is None else cache.shared
         if cache is None:
-            start, full = 0, mask
+            start, own = 0, mask
         else:
             start = cache.index
-            full = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, start, axis=1)
-        positions = _positions(full, start, length)
+            own = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, start, axis=1)
+        # slot numbering: a shared prefix's slots come first
+        offset = 0 if shared is None else shared.max_len
+        full = own if shared is None else jnp.concatenate([_grouped(shared.mask, b), own], axis=1)
+        positions = _positions(full, offset + start, length)
         if self.config.has_projection:
             x = self.project_in(x)
         x = x + self.embed_positions(positions).astype(x.dtype)
         key_mask = full.astype(bool)
-        q_slots = start + jnp.arange(length)
+        q_slots = offset + start + jnp.arange(length)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, key_mask, q_slots, kv, start, deterministic=deterministic)
+            skv = None if shared is None else (shared.k[i], shared.v[i])
+            x, (k, v) = layer(x, key_mask, q_slots, kv, start, skv, deterministic=deterministic)
             new_k.append(k)
             new_v.append(v)
         if self.config.has_final_layer_norm:
             x = self.final_layer_norm(x)
         if self.config.has_projection:
             x = self.project_out(x)
-        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), full, start + length)
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), own, start + length, shared)
         return x, new_cache
 
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, cache: KVCache | None = None,

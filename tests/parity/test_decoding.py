@@ -30,6 +30,15 @@ BEAM = dec.GenerationConfig(method="beam", num_beams=5, max_new_tokens=T, min_ne
                             pad_token_id=PAD)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: torch threads only add contention on the shared 2-core machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build_hf(seed, std=0.15):
     """A tiny OPT with peaky-enough distributions (init_std 0.15), random LayerNorms/biases, and an
     eos that competes: its tied embedding row is a scaled copy of a token the model keeps emitting."""

@@ -16,6 +16,15 @@ from rsvl_jax.models import opt as opt_lib
 TOL = 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: threads only add contention on the shared 2-core machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def hf_config(**kw):
     base = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
@@ -137,6 +146,31 @@ def test_cache_prefill_then_steps_matches_full_forward(pair):
     valid = mask.astype(bool)
     diff = np.abs(got - np.asarray(full))[valid].max()
     assert diff <= TOL, diff
+
+
+def test_forked_cache_shares_the_prefix(pair):
+    """Beam layout: prefill once per entry, fork 2 continuations with different tokens, reorder
+    them; each equals the full forward of prefix + its own tokens."""
+    _, ours = pair
+    rng = np.random.default_rng(5)
+    b, p, n = 2, 5, 3
+    prefix = rng.normal(size=(b, p, 32)).astype(np.float32)
+    pmask = masks(b, p, [0, 2], left=True)
+    toks = rng.integers(3, 96, (b, 2, n))
+    cache = ours.init_cache(b, p)
+    _, cache = ours(inputs_embeds=jnp.asarray(prefix), attention_mask=jnp.asarray(pmask), cache=cache)
+    cache = cache.fork(2, n + 1).take(jnp.array([1, 0, 2, 3]))  # a reorder within each entry
+    got = []
+    for t in range(n):
+        logits, cache = ours(input_ids=jnp.asarray(toks[:, ::-1, t].reshape(-1, 1)), cache=cache)
+        got.append(np.asarray(logits)[:, 0])
+    got = np.stack(got, axis=1).reshape(b, 2, n, -1)[:, ::-1]
+    for j in range(2):
+        embeds = np.concatenate([prefix, np.asarray(opt_lib.embed_tokens(ours, jnp.asarray(toks[:, j])))], axis=1)
+        full, _ = ours(inputs_embeds=jnp.asarray(embeds), attention_mask=jnp.asarray(
+            np.concatenate([pmask, np.ones((b, n), np.int64)], axis=1)))
+        diff = np.abs(got[:, j] - np.asarray(full)[:, p:]).max()
+        assert diff <= TOL, diff
 
 
 def test_project_in_out_post_ln():

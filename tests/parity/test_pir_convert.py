@@ -145,6 +145,27 @@ def test_from_pytorch_checkpoint_wrapper():
     np.testing.assert_array_equal(np.asarray(model.temp2[...]), sd["temp2"])
 
 
+def test_baseline_checkpoint_and_reference_config():
+    """A baseline checkpoint (no prior, VIR or LCA) is recognised: into a full config it fails
+    with a structural hint; with the config built from the checkpoint's own 'config' dict it
+    converts."""
+    full = PIRConfig(vision_width=6, text_width=5, conv_width=7, embed_dim=8, heads=2, filter_size=3)
+    ref_cfg = {"is_baseline": True, "embed_dim": 8, "head": 2, "filter_size": 3, "instru_num": 2,
+               "cycle_num": 3, "dropout_r": 0.2, "temp1": 0.07, "temp2": 0.07, "image_res": 224}
+    base = pir_convert.config_from_reference(ref_cfg, base=full)
+    assert base.is_baseline and base.heads == 2 and base.temp_init == 0.07
+    rng = np.random.default_rng(2)
+    sd = {"temp": np.float32(0.05), "temp2": np.float32(0.06)}
+    for name, width in (("vision_proj", 6), ("text_proj", 5)):
+        sd[f"{name}.weight"] = rng.standard_normal((8, width)).astype(np.float32)
+        sd[f"{name}.bias"] = rng.standard_normal(8).astype(np.float32)
+    with pytest.raises(ConversionError, match="is_baseline=True"):
+        from_pytorch("pir", sd, full)
+    model = from_pytorch("pir", {"model": sd, "config": ref_cfg}, base)
+    np.testing.assert_array_equal(np.asarray(model.text_proj.kernel[...]), sd["text_proj.weight"].T)
+    assert float(model.temp[...]) == np.float32(0.05)
+
+
 def test_missing_key_is_named(tensors, abstract):
     broken = dict(tensors)
     del broken["img_ca.1.ffn.1.weight"]
