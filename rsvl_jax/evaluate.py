@@ -18,9 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rsvl_jax.data import builders, pipeline
-from rsvl_jax.data import text as text_lib
-from rsvl_jax.data.transforms import RandomAugment, TrainTransform
 from rsvl_jax.eval.retrieval import itm_metrics
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -46,6 +43,8 @@ def _local_path(path: str) -> str:
 
 def open_data(config) -> RetrievalData:
     """Builds (once) and opens the configured dataset; loads the tokenizer from local files."""
+    from rsvl_jax.data import builders  # TFDS only where data is read (models import without it)
+
     d = config.data
     data_dir = d.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "rsvl_jax", "datasets")
     if d.name == "synthetic":
@@ -60,12 +59,16 @@ def open_data(config) -> RetrievalData:
                                  manual_dir=d.manual_dir)
     if not d.vocab:
         raise ValueError("set --config.data.vocab to a BERT vocabulary folder (e.g. bert-base-uncased)")
+    from rsvl_jax.data import text as text_lib
+
     tokenizer = text_lib.load_bert_tokenizer(_local_path(d.vocab))
     splits = {s: builders.open_split(builder, s) for s in builder.info.splits}
     return RetrievalData(tokenizer, splits, builders.class_names(builder))
 
 
-def train_transform(config) -> TrainTransform:
+def train_transform(config):
+    from rsvl_jax.data.transforms import RandomAugment, TrainTransform
+
     return TrainTransform(size=config.data.image_size, randaug=RandomAugment() if config.data.augment else None)
 
 
@@ -93,6 +96,8 @@ class Encoders:
         self.image, self.text = jax.jit(image), jax.jit(text)
 
     def embed_images(self, params, stats, source, config) -> np.ndarray:
+        from rsvl_jax.data import pipeline
+
         loader = pipeline.EvalImages(source, batch_size=config.eval_batch_size // jax.process_count(),
                                      image_size=config.data.image_size)
         embs, index = [], []
@@ -107,11 +112,15 @@ class Encoders:
 
     def embed_texts(self, params, stats, captions, tokenizer, config) -> np.ndarray:
         """Chunks of 128 captions in file order, each padded to its own longest (PIR §5, Q5)."""
+        from rsvl_jax.data import text as text_lib
+
         chunks = text_lib.eval_text_batches(captions, tokenizer, chunk=config.data.eval_text_chunk,
                                             max_len=config.data.max_tokens)
         return np.concatenate([np.asarray(self.text(params, stats, jnp.asarray(ids))) for ids in chunks])
 
     def retrieval(self, params, stats, data: RetrievalData, split: str, config) -> dict:
+        from rsvl_jax.data import pipeline
+
         source = data.splits[split]
         texts = pipeline.eval_texts(source, max_words=config.data.max_words)
         img = self.embed_images(params, stats, source, config)

@@ -21,7 +21,6 @@ from rsvl_jax import checkpoint, evaluate, losses, optim, parallel
 from rsvl_jax.config import parse_cli
 from rsvl_jax.convert import from_pytorch
 from rsvl_jax.convert import pir as pir_convert
-from rsvl_jax.data import pipeline
 from rsvl_jax.models import pir as pir_lib
 
 
@@ -150,6 +149,8 @@ def train(config) -> dict:
 
     with jax.set_mesh(mesh), parallel.axis_rules(rules):
         # ================================================================= data
+        from rsvl_jax.data import pipeline  # grain/TFDS only where data is read
+
         data = evaluate.open_data(config)
         tokenizer = data.tokenizer
         loader = pipeline.TrainLoader(

@@ -201,9 +201,9 @@ def load_bita_stage1(bita_source, vit_source=None, config: BITAConfig | str = "b
     if opt_t:
         raise ConversionError(f"{name}: unexpected keys for a stage-1 model:\n  " +
                               "\n  ".join(sorted(f"opt_model.{k}" for k in opt_t)[:20]))
+    bridge, r_bita = _convert_family("bita_stage1", rest, config, name, seed)  # first: fail fast on the BITA file
     vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
     vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
-    bridge, r_bita = _convert_family("bita_stage1", rest, config, name, seed)
     model = BITAStage1(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge)
     return (model, {"vit": r_vit, "bita": r_bita}) if with_report else model
 
@@ -217,9 +217,9 @@ def load_bita_opt(bita_source, vit_source=None, opt_source=None, config: BITACon
     vit_t, opt_t, rest = _split(read_state_dict(bita_source))
     vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
     opt_t, opt_name = _frozen_part(opt_t, opt_source, "opt", "opt_source", name)
+    bridge, r_bita = _convert_family("bita_opt", rest, config, name, seed)  # first: fail fast on the BITA file
     vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
     opt, r_opt = _convert_family("opt", opt_t, config.opt, opt_name, seed + 1)
-    bridge, r_bita = _convert_family("bita_opt", rest, config, name, seed)
     model = BITAOPT(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge, opt_model=opt)
     return (model, {"vit": r_vit, "opt": r_opt, "bita": r_bita}) if with_report else model
 
@@ -247,13 +247,13 @@ def init_bita_opt_from_stage1(stage1_source, vit_source=None, opt_source=None,
         raise ConversionError(f"{name} has opt_model.* tensors: not a stage-1 checkpoint")
     vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
     opt_t, opt_name = _frozen_part({}, opt_source, "opt", "opt_source", name)
-    vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
-    opt, r_opt = _convert_family("opt", opt_t, config.opt, opt_name, seed + 1)
     bridge = OPTBridge(config, rngs=nnx.Rngs(seed))  # opt_proj keeps this init
     entries, skips = _qformer(config, detect_prefix(rest))  # text=False: the text side is skipped
     entries += norm_entries("ln_vision", "ln_vision")
     r_bita = convert(_Parts(ln_vision=bridge.ln_vision, qformer=bridge.qformer), rest, entries,
                      skips + [_STAGE1_ONLY], source=f"{name} (stage 1 -> bita_opt)")
+    vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
+    opt, r_opt = _convert_family("opt", opt_t, config.opt, opt_name, seed + 1)
     model = BITAOPT(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge, opt_model=opt)
     return (model, {"vit": r_vit, "opt": r_opt, "bita": r_bita}) if with_report else model
 

@@ -20,7 +20,6 @@ import pathlib
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -349,15 +349,14 @@ def _decode_jit(graphdef, state, images, prompt_ids, rng, config):
 def zero_pad_row_grad(grads: nnx.State, pad_id: int = 0) -> nnx.State:
     """Zero the gradient of the Q-Former's [PAD] word-embedding row, as torch's
     `nn.Embedding(padding_idx=0)` does (Q14; stage 1 only, a no-op without a text side)."""
-    flat = dict(grads.flat_state())
-    for path, var in flat.items():
+    flat = []
+    for path, g in grads.flat_state():
         if _path_str(path).endswith("qformer.embeddings.word_embeddings.embedding"):
-            value = var.get_value() if hasattr(var, "get_value") else var
-            value = value.at[pad_id].set(0.0)
-            if hasattr(var, "set_value"):
-                var.set_value(value)
+            if isinstance(g, nnx.Variable):
+                g = g.replace(g.get_value().at[pad_id].set(0.0))
             else:
-                flat[path] = value
+                g = g.at[pad_id].set(0.0)
+        flat.append((path, g))
     return nnx.State.from_flat_path(flat)
 
 

@@ -254,10 +254,12 @@ class OPT(nnx.Module):
         cfg = self.config = config
         self.embed_tokens = layers.embedding(cfg.vocab_size, cfg.embed_dim, rngs=rngs, init=_init)
         # HF allocates max_positions + 2 rows (offset 2); rows 0/1 serve pads in practice.
-        self.embed_positions = layers.embedding(cfg.max_positions + 2, cfg.hidden, rngs=rngs, axes=(None, "embed"), init=_init)
+        self.embed_positions = layers.embedding(cfg.max_positions + 2, cfg.hidden, rngs=rngs, axes=(None, "embed"),
+                                                init=_init)
         if cfg.has_projection:
-            self.project_in = layers.dense(cfg.embed_dim, cfg.hidden, (None, "embed"), rngs=rngs, use_bias=False, kernel_init=_init, dtype=cfg.dtype)
-            self.project_out = layers.dense(cfg.hidden, cfg.embed_dim, ("embed", None), rngs=rngs, use_bias=False, kernel_init=_init, dtype=cfg.dtype)
+            kw = dict(rngs=rngs, use_bias=False, kernel_init=_init, dtype=cfg.dtype)
+            self.project_in = layers.dense(cfg.embed_dim, cfg.hidden, (None, "embed"), **kw)
+            self.project_out = layers.dense(cfg.hidden, cfg.embed_dim, ("embed", None), **kw)
         self.layers = nnx.List([OPTDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.layers)])
         if cfg.has_final_layer_norm:
             self.final_layer_norm = layers.layer_norm(cfg.hidden, eps=cfg.layer_norm_eps, rngs=rngs)
@@ -268,12 +270,11 @@ class OPT(nnx.Module):
         return self.embed_tokens(ids).astype(self.config.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache of `max_len` slots (keys/values in the compute dtype by default)."""
         cfg = self.config
         shape = (batch, cfg.heads, max_len, cfg.hidden // cfg.heads)
-        dtype = dtype or cfg.dtype
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers))
-        return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
-                       jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        zeros = lambda: tuple(jnp.zeros(shape, dtype or cfg.dtype) for _ in range(cfg.layers))
+        return KVCache(zeros(), zeros(), jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
     def logits(self, h):
         """Tied LM head, float32 logits."""

@@ -223,8 +223,8 @@ def test_stage1_itc_matches_reference_fixture(fixtures_dir):
                "ln_vision.bias": np.zeros(48, np.float32), "itm_head.weight": np.zeros((2, 64), np.float32),
                "itm_head.bias": np.zeros(2, np.float32)})
     bridge = from_pytorch("bita_stage1", sd, cfg)
-    loss, aux = bridge.itc_loss_from_embeds(jnp.asarray(z["in/image_embeds"]), jnp.asarray(z["in/input_ids"]),
-                                            jnp.asarray(z["in/attention_mask"]))
+    loss, aux = nnx.jit(lambda b: b.itc_loss_from_embeds(z["in/image_embeds"], z["in/input_ids"],
+                                                         z["in/attention_mask"]))(bridge)
     assert _maxdiff(aux["sim_i2t"], z["out/sim_i2t"]) <= TOL
     assert _maxdiff(aux["sim_t2i"], z["out/sim_t2i"]) <= TOL
     assert abs(float(loss) - float(z["out/loss_itc"])) <= TOL
@@ -277,14 +277,23 @@ def _hf_opt(seed=0):
     return hf.eval()
 
 
+IDS = np.array([[2, 17, 33, 8, 41, 50, 60], [2, 17, 33, 70, 5, 1, 1]], np.int64)  # row 1 right-padded
+PROMPT_LENGTHS = (0, 3)
+
+
 @pytest.fixture(scope="module")
 def opt_model(vit_sd):
     hf = _hf_opt()
     ckpt = random_checkpoint(OPTCFG, "opt", seed=1)
     vit = {k[len("vit/"):]: v for k, v in vit_sd.items() if k.startswith("vit/")}
     model, reports = bita_conv.load_bita_opt(ckpt, vit, hf.state_dict(), OPTCFG, with_report=True)
-    return dict(hf=hf, ckpt=ckpt, vit=vit, model=model, reports=reports,
-                pixels=vit_sd["in/pixels_nchw"].transpose(0, 2, 3, 1))
+    pixels = vit_sd["in/pixels_nchw"].transpose(0, 2, 3, 1)
+    mask = (IDS != 1).astype(np.int64)
+    # One compiled program for everything the LM tests read.
+    prefix, losses = nnx.jit(lambda m: (m.prefix_embeds(pixels), [
+        m.lm_loss(pixels, IDS, mask, prompt_length=n) for n in PROMPT_LENGTHS]))(model)
+    return dict(hf=hf, ckpt=ckpt, vit=vit, model=model, reports=reports, mask=mask, prefix=np.array(prefix),
+                losses=dict(zip(PROMPT_LENGTHS, losses)))
 
 
 def _reference_labels(ids, nq, prompt_length, pad=1):
@@ -296,19 +305,15 @@ def _reference_labels(ids, nq, prompt_length, pad=1):
     return np.concatenate([np.full((ids.shape[0], nq), -100), t], axis=1)
 
 
-@pytest.mark.parametrize("prompt_length", [0, 3])
+@pytest.mark.parametrize("prompt_length", PROMPT_LENGTHS)
 def test_lm_loss_matches_hf_opt_loss(opt_model, prompt_length):
-    m, hf = opt_model["model"], opt_model["hf"]
-    ids = np.array([[2, 17, 33, 8, 41, 50, 60], [2, 17, 33, 70, 5, 1, 1]], np.int64)
-    mask = (ids != 1).astype(np.int64)
-    loss, aux = m.lm_loss(jnp.asarray(opt_model["pixels"]), jnp.asarray(ids), jnp.asarray(mask),
-                          prompt_length=prompt_length)
-    inputs_opt = np.asarray(m.prefix_embeds(jnp.asarray(opt_model["pixels"])))
+    hf, inputs_opt, mask = opt_model["hf"], opt_model["prefix"], opt_model["mask"]
+    loss, aux = opt_model["losses"][prompt_length]
     nq = inputs_opt.shape[1]
     with torch.no_grad():
-        embeds = torch.cat([torch.as_tensor(inputs_opt), hf.model.decoder.embed_tokens(torch.as_tensor(ids))], 1)
-        att = torch.cat([torch.ones(2, nq, dtype=torch.long), torch.as_tensor(mask)], 1)
-        labels = torch.as_tensor(_reference_labels(ids, nq, prompt_length))
+        embeds = torch.cat([torch.from_numpy(inputs_opt), hf.model.decoder.embed_tokens(torch.from_numpy(IDS))], 1)
+        att = torch.cat([torch.ones(2, nq, dtype=torch.long), torch.from_numpy(mask)], 1)
+        labels = torch.from_numpy(_reference_labels(IDS, nq, prompt_length))
         out = hf(inputs_embeds=embeds, attention_mask=att, labels=labels)
     assert abs(float(loss) - float(out.loss)) <= TOL
     # Our text-column logits are HF's logits at positions nq-1 ... end-1.

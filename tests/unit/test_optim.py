@@ -4,7 +4,6 @@ import re
 import jax
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from rsvl_jax import optim
