@@ -29,7 +29,6 @@ def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, hf_repeats=1, p
                    device="cpu") -> list[dict]:
     """One row of timings per batch size; `device="cuda"` runs both sides on the GPU instead."""
     import jax
-    import jax.numpy as jnp
     import torch
     import transformers
 

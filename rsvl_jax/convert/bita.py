@@ -183,8 +183,8 @@ def _frozen_part(own: dict, source, what: str, arg: str, bita_name: str):
     """The tensors of a frozen part: from the BITA checkpoint or from `source`, never both."""
     if own and source is not None:
         raise ConversionError(
-            f"the {what} weights are both in {bita_name} ({len(own)} `{FROZEN[what]}*` tensors) and in {_name(source)}; "
-            f"pass {arg}=None to use the checkpoint's, or remove them from it")
+            f"the {what} weights are both in {bita_name} ({len(own)} `{FROZEN[what]}*` tensors) and in "
+            f"{_name(source)}; pass {arg}=None to use the checkpoint's, or remove them from it")
     if not own and source is None:
         raise ConversionError(f"{bita_name} holds no {what} weights (BITA does not save frozen parts, spec 10.1): "
                               f"pass {arg}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -98,11 +98,6 @@ def _path_str(path) -> str:
     return path if isinstance(path, str) else ".".join(str(p) for p in path)
 
 
-def _labels(model: nnx.Module, params: nnx.State) -> nnx.State:
-    flat = {path: ("trainable" if model.is_trainable(path) else "frozen") for path, _ in params.flat_state()}
-    return nnx.State.from_flat_path(flat)
-
-
 class _Frozen:
     """`is_trainable` / `trainable_labels` / `trainable_filter` shared by both models.
 
@@ -123,7 +118,8 @@ class _Frozen:
 
     def trainable_labels(self, params: nnx.State) -> nnx.State:
         """'trainable' / 'frozen' per parameter, a State shaped like `params` (for optax.multi_transform)."""
-        return _labels(self, params)
+        flat = {path: ("trainable" if self.is_trainable(path) else "frozen") for path, _ in params.flat_state()}
+        return nnx.State.from_flat_path(flat)
 
     def trainable_filter(self):
         """An nnx filter selecting the trainable parameters (for nnx.split / nnx.grad `wrt`)."""

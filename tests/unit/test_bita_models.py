@@ -258,7 +258,8 @@ def _argmax_loop(m, images, prompt_ids, steps, eos):
     sequence has a fixed length (slots not generated yet hold zeros, which the causal mask
     hides from the position being read), so every step reuses the same compiled ops."""
     opt = m.opt_model
-    prefix = jnp.concatenate([m.prefix_embeds(images), opt.embed(jnp.broadcast_to(prompt_ids, (2, len(prompt_ids))))], 1)
+    prompt = opt.embed(jnp.broadcast_to(prompt_ids, (2, len(prompt_ids))))
+    prefix = jnp.concatenate([m.prefix_embeds(images), prompt], 1)
     p = prefix.shape[1]
     seq = jnp.concatenate([prefix, jnp.zeros((2, steps, prefix.shape[2]), prefix.dtype)], 1)
     tokens, done = np.ones((2, steps), np.int32), np.zeros(2, bool)
