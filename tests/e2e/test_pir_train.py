@@ -100,14 +100,15 @@ def test_train_step_on_8_devices_matches_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_short_training_learns_and_beats_chance(tmp_path):
-    """75 steps of the demo model (64 px) on synthetic scenes: loss falls and retrieval is far
-    above chance on held-out images."""
+    """One epoch (75 steps) of the demo model (64 px) on 480 synthetic scenes: loss falls and
+    retrieval is far above chance on held-out images."""
     config = tiny_config(tmp_path, "learn", "--config.model.preset=pir_demo", "--config.data.image_size=64",
-                         "--config.epochs=3", "--config.data.synthetic_train_images=80",
+                         "--config.batch_size=32", "--config.reference_device_batch=32",
+                         "--config.epochs=1", "--config.data.synthetic_train_images=480",
                          "--config.data.synthetic_eval_images=100", "--config.eval_batch_size=50",
                          "--config.log_every=5", "--config.eval_splits=('val',)")
     final = train.train(config)
     records = [r for r in _records(config.workdir) if "loss" in r]
-    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     # Chance for 100 images x 5 captions: R@1/5/10 = 1/5/10 %, mR ~ 5.3.
     assert final["val_r_mean"] > 16.0, final
