@@ -4,13 +4,11 @@ written as .safetensors are converted at the family's test preset; the printed s
 stored metadata and the restored model's outputs (against HF) are checked, and bad input
 (a missing key, an unknown preset) exits with code 2, names the problem and writes nothing.
 """
-import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
 from safetensors.torch import save_file
 
@@ -21,49 +19,21 @@ from rsvl_jax.models.bert import Bert
 from rsvl_jax.models.swin import PRESETS as SWIN_PRESETS
 from rsvl_jax.models.swin import Swin
 
+from ..torch_models import hf_bert, hf_swin
+
 TOL = 1e-5
 BERT_CFG = BERT_PRESETS["bert_test"]
 SWIN_CFG = SWIN_PRESETS["swin_test"]
 
 
-def _randomise(model, norm_marker: str):
-    """Non-trivial LayerNorm affine params and biases, unit-scale weights (see the parity tests)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if norm_marker in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias") or "relative_position_bias_table" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-            elif p.ndim >= 2:
-                p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-    return model
+def hf_bert_preset():
+    """An HF BertModel with exactly the shapes of the `bert_test` preset."""
+    return hf_bert(BERT_CFG)
 
 
-def hf_bert():
-    """An HF BertModel with exactly the shapes of the `bert_test` preset (read from the preset)."""
-    c = BERT_CFG
-    torch.manual_seed(0)
-    hf_cfg = transformers.BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
-        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
-        layer_norm_eps=c.layer_norm_eps, hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return _randomise(transformers.BertModel(hf_cfg).eval(), "LayerNorm")  # with a pooler: skipped
-
-
-def hf_swin():
+def hf_swin_preset():
     """An HF SwinModel with exactly the shapes of the `swin_test` preset."""
-    c = SWIN_CFG
-    torch.manual_seed(0)
-    hf_cfg = transformers.SwinConfig(
-        image_size=c.image_size, patch_size=c.patch_size, num_channels=c.in_chans, embed_dim=c.embed_dim,
-        depths=list(c.depths), num_heads=list(c.num_heads), window_size=c.window_size, mlp_ratio=c.mlp_ratio,
-        qkv_bias=c.qkv_bias, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
-        hidden_act="gelu", use_absolute_embeddings=False, layer_norm_eps=c.layer_norm_eps,
-    )
-    return _randomise(transformers.SwinModel(hf_cfg).eval(), "norm")
+    return hf_swin(SWIN_CFG)
 
 
 # family -> (preset, our model class, config, file name, how HF's tensors are written)
@@ -78,7 +48,7 @@ def sources(tmp_path_factory):
     """family -> (HF model, its state dict, the file it was written to)."""
     root = tmp_path_factory.mktemp("sources")
     out = {}
-    for family, model in (("bert", hf_bert()), ("swin", hf_swin())):
+    for family, model in (("bert", hf_bert_preset()), ("swin", hf_swin_preset())):
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         path = root / CASES[family][3]
         CASES[family][4](sd, path)

@@ -9,14 +9,11 @@ divides by 4 and `mlp`/`heads`/`vocab` by 2, otherwise the rules would just repl
 """
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -25,7 +22,9 @@ from rsvl_jax import parallel as par
 from rsvl_jax.convert import from_pytorch
 from rsvl_jax.models.bert import Bert, BertConfig
 from rsvl_jax.models.swin import PRESETS as SWIN_PRESETS
-from rsvl_jax.models.swin import SwinConfig, stage_window
+from rsvl_jax.models.swin import stage_window
+
+from ..torch_models import hf_bert, hf_swin
 
 TOL = 1e-5
 BATCH = 4  # divides data*fsdp on every mesh below, so inputs are batch-sharded too
@@ -42,43 +41,6 @@ BERT_CFG = BertConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, 
 # ----------------------------------------------------------------------------------------
 # Tiny random HF models -> our converted models.
 # ----------------------------------------------------------------------------------------
-def _randomise(model, norm_marker: str):
-    """Non-trivial LayerNorm affine params and biases (so scale/bias mix-ups would show) and
-    unit-scale weights (HF's std-0.02 init makes every branch vanish next to the residual)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if norm_marker in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias") or "relative_position_bias_table" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-            elif p.ndim >= 2:
-                p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-    return model
-
-
-def hf_swin(cfg: SwinConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    hf_cfg = transformers.SwinConfig(
-        image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans, embed_dim=cfg.embed_dim,
-        depths=list(cfg.depths), num_heads=list(cfg.num_heads), window_size=cfg.window_size,
-        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.0, hidden_act="gelu", use_absolute_embeddings=False, layer_norm_eps=cfg.layer_norm_eps,
-    )
-    return _randomise(transformers.SwinModel(hf_cfg).eval(), "norm")
-
-
-def hf_bert(cfg: BertConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    hf_cfg = transformers.BertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-        layer_norm_eps=cfg.layer_norm_eps, hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return _randomise(transformers.BertModel(hf_cfg).eval(), "LayerNorm")
-
-
 def _inputs(kind: str):
     rs = np.random.RandomState(1)
     if kind == "swin":
