@@ -18,3 +18,14 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 def fixtures_dir():
     """Golden files recorded from the reference code (copied from the spec's shared/fixtures)."""
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny torch models: extra threads only add contention on 2-core machines."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,6 +31,7 @@ def hf_swin(cfg: SwinConfig, seed: int = 0):
         mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0, hidden_act="gelu", use_absolute_embeddings=False, layer_norm_eps=cfg.layer_norm_eps,
     )
+    hf_cfg._attn_implementation = "eager"  # the reference's explicit softmax(q k^T + bias)
     return randomise(transformers.SwinModel(hf_cfg).eval(), "norm")
 
 

@@ -30,13 +30,7 @@ BEAM = dec.GenerationConfig(method="beam", num_beams=5, max_new_tokens=T, min_ne
                             pad_token_id=PAD)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: torch threads only add contention on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_hf(seed, std=0.15):

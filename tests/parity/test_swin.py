@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
 
 from rsvl_jax.convert import ConversionError, from_pytorch, read_state_dict
@@ -15,6 +14,8 @@ from rsvl_jax.convert import swin as swin_convert
 from rsvl_jax.convert.core import module_variables
 from rsvl_jax.models import swin
 from rsvl_jax.models.swin import PRESETS, Swin, SwinConfig
+
+from ..torch_models import hf_swin
 
 # A: the test preset (8x8 tokens, window 4: shifted 2x2 windows, then one 4x4 window).
 # B: 12x12 tokens, window 3 (odd window, shift 1) over three stages: 16 then 4 shifted windows,
@@ -28,24 +29,7 @@ CONFIGS = {
 
 def hf_model(cfg: SwinConfig, seed: int = 0):
     """A random HF SwinModel with every LayerNorm, bias and bias table randomised."""
-    torch.manual_seed(seed)
-    hf_cfg = transformers.SwinConfig(
-        image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans, embed_dim=cfg.embed_dim,
-        depths=list(cfg.depths), num_heads=list(cfg.num_heads), window_size=cfg.window_size,
-        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.0, hidden_act="gelu", use_absolute_embeddings=False, layer_norm_eps=cfg.layer_norm_eps,
-    )
-    hf_cfg._attn_implementation = "eager"  # the reference's explicit softmax(q k^T + bias)
-    model = transformers.SwinModel(hf_cfg, add_pooling_layer=True).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias") or "relative_position_bias_table" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-            else:  # HF's std-0.02 weights make every branch tiny next to the residual stream
-                p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-    return model
+    return hf_swin(cfg, seed)
 
 
 @pytest.fixture(scope="module")
