@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rsvl_jax.errors import UserError
+
 PARAMS, METADATA = "params", "metadata"
 _EMPTY = "__empty__"
 
@@ -41,7 +43,7 @@ def _params_checkpointer() -> ocp.Checkpointer:
         **_handlers(**{PARAMS: "arrays", METADATA: "json"})))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint does not match what the caller asked to restore."""
 
 

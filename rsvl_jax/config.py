@@ -18,13 +18,15 @@ from typing import Any
 
 import ml_collections
 
+from rsvl_jax.errors import UserError
+
 ConfigDict = ml_collections.ConfigDict
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, argument or override; the message names the key and the file."""
 
 
