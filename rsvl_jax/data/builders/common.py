@@ -74,10 +74,15 @@ def scene_from_filename(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def find_image(name: str, roots: Sequence[pathlib.Path]) -> pathlib.Path | None:
-    """Look for ``name`` under each root as given, then by its base name (flat image folders)."""
+def find_image(name: str, roots: Sequence[pathlib.Path], by_scene: bool = False) -> pathlib.Path | None:
+    """Look for ``name`` under each root as given, then by its base name (flat image folders),
+    then (``by_scene``) under a folder named by its scene prefix (NWPU's ``<category>/``)."""
     rel = pathlib.PurePosixPath(str(name).replace("\\", "/"))
-    for candidate in [root / rel for root in roots] + [root / rel.name for root in roots]:
+    candidates = [root / rel for root in roots] + [root / rel.name for root in roots]
+    scene = scene_from_filename(name) if by_scene else None
+    if scene:
+        candidates += [root / scene / rel.name for root in roots]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None
@@ -201,6 +206,7 @@ class CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     VERSION = tfds.core.Version("1.0.0")
+    IMAGES_BY_SCENE = False  # see find_image
     HOMEPAGE = ""
     CITATION = ""
     DESCRIPTION = ""
@@ -211,11 +217,21 @@ class CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Our module file. (TFDS's own lookup needs the optional `importlib_resources`.)"""
         return epath.Path(inspect.getfile(cls))
 
-    def __init__(self, *, file_format: str = "array_record", on_error: str = "raise", **kwargs):
+    def __init__(self, *, file_format: str = "array_record", on_error: str = "raise",
+                 source: dict | None = None, **kwargs):
+        """``source``: what the build is made from (``builders.cache.source_record``), kept in
+        ``info.metadata["source"]`` so a later open can tell whether the build is stale."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self._on_error = on_error
+        self._source = source
+        self._parse_notes: dict[str, list[tuple[str, str]]] = {}
         super().__init__(file_format=file_format, **kwargs)
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        if self._source is not None:
+            self.info.metadata["source"] = self._source
+        return super()._download_and_prepare(dl_manager, download_config=download_config)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -242,9 +258,17 @@ class CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     ) -> Iterator[tuple[int, dict]]:
         """Read each record's image, check its captions, yield examples in file order."""
         report = BuildReport(split)
+        for reason, msg in self._parse_notes.get(split, ()):  # found while parsing the files
+            report.note(reason, msg)
+        ids: dict[int, str] = {}
         for rec in records:
             report.rows_in += 1
-            path = find_image(rec.filename, roots)
+            if int(rec.image_id) in ids:
+                self._fail_or_drop(report, "duplicate_image_id", DatasetError(
+                    f"{rec.where}: image id {rec.image_id} of {rec.filename!r} is also the id of "
+                    f"{ids[int(rec.image_id)]}"))
+                continue
+            path = find_image(rec.filename, roots, self.IMAGES_BY_SCENE)
             if path is None:
                 looked = ", ".join(str(r) for r in roots)
                 self._fail_or_drop(report, "missing_image", DatasetError(
@@ -270,6 +294,7 @@ class CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if not captions:
                 report.drop_row("no_captions", f"{rec.where}: {rec.filename!r} has no usable caption")
                 continue
+            ids[int(rec.image_id)] = f"{rec.filename!r} ({rec.where})"
             if rec.label == UNKNOWN_LABEL:
                 report.note("unknown_label")
             yield report.examples_out, {

@@ -64,6 +64,7 @@ def parse_karpathy(path: pathlib.Path, encodings=("utf-8",)):
     class_names = class_names_from_filenames(names)
     class_index = {c: k for k, c in enumerate(class_names)}
     splits: dict[str, list[ImageRecord]] = collections.defaultdict(list)
+    seen_ids: dict[int, str] = {}
     for i, row in enumerate(rows):
         where = f"{path} images[{i}] ({row['filename']})"
         split = _field(row, "split", str, where)
@@ -75,6 +76,9 @@ def parse_karpathy(path: pathlib.Path, encodings=("utf-8",)):
         image_id = row.get("imgid", i)
         if not isinstance(image_id, int):
             raise DatasetError(f"{where}: field 'imgid' should be int, got {type(image_id).__name__}")
+        if image_id in seen_ids:
+            raise DatasetError(f"{where}: field 'imgid' {image_id} is also the id of {seen_ids[image_id]}")
+        seen_ids[image_id] = where
         splits[split].append(ImageRecord(
             filename=row["filename"], image_id=image_id, captions=captions,
             label=label_from_filename(row["filename"], class_index), where=where))
@@ -181,9 +185,9 @@ def assign_labels(record_lists) -> list[str]:
 # ----------------------------------------------------------------------------- builder base
 @dataclasses.dataclass(eq=False)
 class AnnotationConfig(tfds.core.BuilderConfig):
-    """Which annotation files to read: the official Karpathy file or PIR's own lists."""
+    """Which annotation files to read: the official file, PIR's lists or BITA's lists."""
 
-    annotations: str = "karpathy"  # "karpathy" | "pir"
+    annotations: str = "karpathy"  # "karpathy" | "pir" | "bita" | "nwpu"
 
 
 KARPATHY_CONFIG = AnnotationConfig(
@@ -194,34 +198,88 @@ PIR_CONFIG = AnnotationConfig(
     description="PIR's own JSON lists <name>_train/_val/_test.json (the paper's exact splits). "
                 "Train examples are grouped per image in order of first appearance, so the "
                 "example index equals PIR's contiguous idx.")
+BITA_CONFIG = AnnotationConfig(
+    name="bita", annotations="bita",
+    description="BITA's own LAVIS-style lists <DS>_train/_val/_test.json with COCO ground truth "
+                "<DS>_val_gt.json/<DS>_test_gt.json (the paper's exact splits).")
 
 
 class KarpathyPirBuilder(CaptionBuilder, skip_registration=True):
-    """RSICD/RSITMD-style builder: Karpathy file (config 'karpathy') or PIR lists (config 'pir')."""
+    """Caption/retrieval builder over one of several annotation layouts, chosen by the config:
+    'karpathy' (the official file), 'pir' (PIR's lists) or 'bita' (BITA's lists)."""
 
     BUILDER_CONFIGS = [KARPATHY_CONFIG, PIR_CONFIG]
     KARPATHY_FILE = ""  # e.g. dataset_rsicd.json
     PIR_PREFIX = ""  # e.g. rsicd -> rsicd_train.json, rsicd_val.json, rsicd_test.json
+    BITA_PREFIX = ""  # e.g. RSICD -> annotations/RSICD_train.json, RSICD_val_gt.json, ...
     IMAGE_DIRS: tuple[str, ...] = ("images",)  # image folders tried under manual_dir, then manual_dir
     ENCODINGS: tuple[str, ...] = ("utf-8",)
 
+    # -- what a build reads (also what the cache fingerprints, see builders/cache.py)
+    @classmethod
+    def image_roots(cls, manual: pathlib.Path) -> list[pathlib.Path]:
+        return [manual / d for d in cls.IMAGE_DIRS] + [manual]
+
+    @classmethod
+    def source_files(cls, manual: pathlib.Path, config: AnnotationConfig) -> list[pathlib.Path]:
+        """The annotation files a build with ``config`` reads (those that exist)."""
+        kind = config.annotations
+        if kind == "pir":
+            paths = [manual / f"{cls.PIR_PREFIX}_{s}.json" for s in KARPATHY_SPLITS]
+        elif kind == "bita":
+            from rsvl_jax.data.builders import bita_lists
+
+            paths = list(bita_lists.list_paths(manual, cls.BITA_PREFIX).values())
+        else:
+            paths = [manual / cls.KARPATHY_FILE]
+        return sorted(p for p in paths if p.is_file())
+
     def _split_generators(self, dl_manager):
         manual = pathlib.Path(dl_manager.manual_dir)
-        roots = [manual / d for d in self.IMAGE_DIRS] + [manual]
-        if self.builder_config.annotations == "karpathy":
+        self._parse_notes = collections.defaultdict(list)
+        kind = self.builder_config.annotations
+        if kind == "karpathy":
             path = manual_file(manual, self.KARPATHY_FILE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
             splits, class_names, enc = parse_karpathy(path, self.ENCODINGS)
+            class_names = self._scene_labels(splits) or class_names
             encodings = {path.name: enc}
-        elif self.builder_config.annotations == "pir":
+        elif kind == "pir":
             splits, class_names, encodings = self._read_pir(manual)
+        elif kind == "bita":
+            splits, class_names, encodings = self._read_bita(manual)
         else:
-            raise ValueError(f"unknown annotations {self.builder_config.annotations!r}")
+            splits, class_names, encodings = self._read_other(manual, kind)
         if not splits:
             raise DatasetError(f"{manual}: the annotation files list no images")
-        self._set_metadata(class_names=class_names, annotations=self.builder_config.annotations,
-                           annotation_encoding=encodings)
+        self._set_metadata(class_names=class_names, annotations=kind, annotation_encoding=encodings)
+        roots = self.image_roots(manual)
         return {split: self._generate_examples(split, records, roots)
                 for split, records in splits.items()}
+
+    def _read_other(self, manual, kind):
+        raise ValueError(f"unknown annotations {kind!r}")
+
+    def _scene_labels(self, splits: dict[str, list[ImageRecord]]) -> list[str] | None:
+        """Hook: set ``rec.label`` of every record and return the class names, or return None
+        to keep the labels the parser gave. Default: sorted file-name prefixes (for the
+        Karpathy file that is what ``parse_karpathy`` already did)."""
+        records = [r for v in splits.values() for r in v]
+        names = class_names_from_filenames(r.filename for r in records)
+        index = {c: k for k, c in enumerate(names)}
+        for r in records:
+            r.label = label_from_filename(r.filename, index)
+        return names
+
+    def _read_bita(self, manual: pathlib.Path):
+        from rsvl_jax.data.builders import bita_lists
+
+        def note(split, reason, msg):
+            self._parse_notes[split].append((reason, msg))
+
+        splits, encodings = bita_lists.read_lists(manual, self.BITA_PREFIX,
+                                                  self.MANUAL_DOWNLOAD_INSTRUCTIONS,
+                                                  self.ENCODINGS, note)
+        return splits, self._scene_labels(splits), encodings
 
     def _read_pir(self, manual: pathlib.Path):
         paths = {s: manual / f"{self.PIR_PREFIX}_{s}.json" for s in KARPATHY_SPLITS}

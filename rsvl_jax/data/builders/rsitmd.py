@@ -19,7 +19,8 @@ class Rsitmd(KarpathyPirBuilder):
   journal={IEEE Transactions on Geoscience and Remote Sensing}, year={2022}}"""
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
 Download RSITMD yourself (https://github.com/xiaoyuan1996/AMFMN/tree/master/RSITMD) and pass its
-folder as manual_dir. Config 'karpathy' (default) expects:
+folder as manual_dir. Config 'karpathy' (the builder's default when no config is named; note
+that configs/pir.py asks for 'pir' unless pir_format=False) expects:
   <manual_dir>/dataset_RSITMD.json         the Karpathy-style annotation file (train/test splits)
   <manual_dir>/images/*.tif                the 4,743 images (or <manual_dir>/)
 Config 'pir' expects PIR's own lists instead (rsitmd_test.json required; rsitmd_train.json and
