@@ -39,6 +39,7 @@ from rsvl_jax.convert.core import (
     Skip,
     Tensors,
     convert,
+    export as core_export,
     linear_entries,
     norm_entries,
     prefixed,
@@ -52,6 +53,13 @@ FROZEN = {"vit": "visual_encoder.", "opt": "opt_model."}
 _ITM = Skip("itm_head (never trained, not built)", r"itm_head\.(weight|bias)")
 _FROZEN_PARTS = Skip("frozen ViT / OPT weights (not in the bridge; load_bita_* converts them)",
                      r"(visual_encoder|opt_model)\..*")
+# The reference's save code keeps every state-dict key whose parameter is not frozen; OPT's
+# `lm_head.weight` is tied to `embed_tokens` and so is not one of `named_parameters()`, which
+# lets it through: a BITA-OPT checkpoint written by the original code has 225 tensors (§10.3's
+# 224 + this one). It is the OPT embedding, not a bridge weight.
+TIED_LM_HEAD = "opt_model.lm_head.weight"
+_TIED_HEAD = Skip("opt_model.lm_head.weight (OPT's tied LM head, written by the reference's save)",
+                  re.escape(TIED_LM_HEAD))
 _STAGE1_ONLY = Skip("stage-1 heads BITA-OPT does not use (spec 10.3)",
                     r"(vision_proj|text_proj|itm_head)\.(weight|bias)|temp")
 
@@ -131,7 +139,7 @@ def plan_opt(config: BITAConfig, tensors: Tensors):
             "this is a stage-1 checkpoint (text_proj, no opt_proj): use family bita_stage1, or "
             "rsvl_jax.convert.bita.init_bita_opt_from_stage1 to start stage 2 from it (spec 10.3)")
     entries, skips = opt_table(config, prefix)
-    return tensors, entries, skips + [_FROZEN_PARTS]
+    return tensors, entries, skips + [_TIED_HEAD, _FROZEN_PARTS]
 
 
 def _stage1_presets():
@@ -208,6 +216,24 @@ def load_bita_stage1(bita_source, vit_source=None, config: BITAConfig | str = "b
     return (model, {"vit": r_vit, "bita": r_bita}) if with_report else model
 
 
+def check_tied_lm_head(head, opt_tensors: Tensors, bita_name: str, opt_name: str) -> None:
+    """The tied-head rule: a BITA checkpoint's `opt_model.lm_head.weight` must equal the OPT
+    weights' `embed_tokens` (compared in float32: the reference stores OPT in float16), else
+    the checkpoint was trained on another OPT and loading would be silently wrong."""
+    key = next((f"{p}embed_tokens.weight" for p in ("model.decoder.", "decoder.")
+                if f"{p}embed_tokens.weight" in opt_tensors), None)
+    if key is None:
+        raise ConversionError(f"{opt_name}: no embed_tokens.weight to check {bita_name}'s {TIED_LM_HEAD} against")
+    emb = np.asarray(opt_tensors[key], np.float32)
+    head = np.asarray(head, np.float32)
+    if head.shape != emb.shape or not np.array_equal(head, emb):
+        what = (f"shape {head.shape} vs {emb.shape}" if head.shape != emb.shape
+                else f"max |difference| {np.abs(head - emb).max():.3g}")
+        raise ConversionError(
+            f"{bita_name}'s {TIED_LM_HEAD} differs from {opt_name}'s {key} ({what}): OPT ties its LM head to the "
+            "token embedding, so this checkpoint was saved with other OPT weights; pass the OPT it was trained with")
+
+
 def load_bita_opt(bita_source, vit_source=None, opt_source=None, config: BITAConfig | str = "bita_opt_2_7b", *,
                   seed: int = 0, with_report: bool = False):
     """`BITAOPT` from a stage-2 / caption checkpoint + the CLIP ViT file + the OPT weights (an
@@ -215,9 +241,17 @@ def load_bita_opt(bita_source, vit_source=None, opt_source=None, config: BITACon
     config = resolve_config(FAMILIES["bita_opt"], config)
     name = _name(bita_source)
     vit_t, opt_t, rest = _split(read_state_dict(bita_source))
+    tied = opt_t.pop("lm_head.weight", None) if set(opt_t) == {"lm_head.weight"} else None
     vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
+    if tied is not None and opt_source is None:
+        raise ConversionError(f"{name} holds only OPT's tied {TIED_LM_HEAD} (the reference writes it), not the OPT "
+                              "weights (spec 10.1): pass opt_source")
     opt_t, opt_name = _frozen_part(opt_t, opt_source, "opt", "opt_source", name)
+    if tied is not None:
+        check_tied_lm_head(tied, opt_t, name, opt_name)
     bridge, r_bita = _convert_family("bita_opt", rest, config, name, seed)  # first: fail fast on the BITA file
+    if tied is not None:
+        r_bita.skipped[_TIED_HEAD.name] = 1
     vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
     opt, r_opt = _convert_family("opt", opt_t, config.opt, opt_name, seed + 1)
     model = BITAOPT(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge, opt_model=opt)
@@ -258,5 +292,76 @@ def init_bita_opt_from_stage1(stage1_source, vit_source=None, opt_source=None,
     return (model, {"vit": r_vit, "opt": r_opt, "bita": r_bita}) if with_report else model
 
 
+# ----------------------------------------------------------------------------------------
+# The way back: a BITA model -> the reference's checkpoint (§10).
+# ----------------------------------------------------------------------------------------
+_NEVER_TRAINED = re.compile(r"itm_head\.(weight|bias)")
+
+
+def bita_state_dict(model, *, prefix: str = "Fformer.", lm_head=None, heads_from=None) -> dict[str, np.ndarray]:
+    """The reference's `state_dict` of what BITA trains (§10.2 / §10.3), as numpy arrays with
+    exactly its key names and PyTorch layouts.
+
+    `model`: `BITAStage1` / `BITAOPT` or their bridge (`Stage1Bridge` / `OPTBridge`). Adds the
+    `{prefix}bert.embeddings.position_ids` buffer (int64) the reference saves. For BITA-OPT it
+    also writes `opt_model.lm_head.weight`, OPT's tied head, as the reference's save does (225
+    tensors): taken from `model.opt_model`, or pass `lm_head` (the OPT `embed_tokens` array)
+    with a bare `OPTBridge`.
+
+    Stage 1: the reference also saves its never-trained heads (`Fformer.cls.*`, the MLM head
+    with `decoder.weight` tied to the word embeddings, and `itm_head.*`), which we do not build.
+    Their values never change in training, so `heads_from` (a path or state dict holding them
+    under the reference names, e.g. the stage-1 checkpoint a run started from) copies them,
+    with the decoder re-tied to our word embeddings: 310 tensors. Without it they are left out
+    (301); the reference's `load_state_dict(strict=False)` then lists them as missing.
+    """
+    bridge = getattr(model, "bridge", model)
+    if not isinstance(bridge, (Stage1Bridge, OPTBridge)):
+        raise TypeError(f"expected a BITA model or bridge, got {type(model).__name__}")
+    config = bridge.config
+    stage1 = isinstance(bridge, Stage1Bridge)
+    entries, _ = (stage1_table if stage1 else opt_table)(config, prefix)
+    out = core_export(bridge, entries)
+    out[f"{prefix}bert.embeddings.position_ids"] = np.arange(config.qformer.max_position_embeddings,
+                                                             dtype=np.int64)[None]
+    if stage1:
+        if heads_from is not None:
+            heads = {}
+            for k, v in read_state_dict(heads_from).items():
+                old = next((p for p in PREFIXES if k.startswith(f"{p}cls.")), None)
+                k = prefix + k[len(old):] if old else k
+                if k.startswith(f"{prefix}cls.") or _NEVER_TRAINED.fullmatch(k):
+                    heads[k] = np.asarray(v)
+            if not heads:
+                raise ConversionError(f"{_name(heads_from)} holds no {prefix}cls.* / itm_head.* tensors")
+            heads[f"{prefix}cls.predictions.decoder.weight"] = out[f"{prefix}bert.embeddings.word_embeddings.weight"]
+            out.update(heads)
+    else:
+        if lm_head is None:
+            opt = getattr(model, "opt_model", None)
+            if opt is None:
+                raise ValueError("a bare OPTBridge: pass lm_head (the OPT's embed_tokens), which the reference's "
+                                 f"checkpoint holds as {TIED_LM_HEAD}")
+            lm_head = opt.embed_tokens.embedding.get_value()
+        out[TIED_LM_HEAD] = np.asarray(lm_head)
+    return out
+
+
+def save_bita_pth(model, path, *, epoch: int = 0, config: Mapping | None = None, prefix: str = "Fformer.",
+                  lm_head=None, heads_from=None) -> dict[str, np.ndarray]:
+    """Write `model`'s trainable part as the reference writes a checkpoint (§10.1):
+    `torch.save({"model": state_dict, "optimizer": None, "config": config or {}, "scaler": None,
+    "epoch": epoch}, path)`, loadable by BITA's `load_checkpoint` / `load_from_pretrained` and by
+    our `load_bita_*` / families. Returns the numpy state dict (see `bita_state_dict`)."""
+    import torch
+
+    sd = bita_state_dict(model, prefix=prefix, lm_head=lm_head, heads_from=heads_from)
+    torch_sd = {k: torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}  # a writable copy
+    torch.save({"model": torch_sd, "optimizer": None, "config": dict(config or {}), "scaler": None,
+                "epoch": int(epoch)}, str(path))
+    return sd
+
+
 __all__ = ["FAMILIES", "PREFIXES", "table", "stage1_table", "opt_table", "reference_names", "detect_prefix",
-           "load_bita_stage1", "load_bita_opt", "init_bita_opt_from_stage1"]
+           "load_bita_stage1", "load_bita_opt", "init_bita_opt_from_stage1", "check_tied_lm_head", "bita_state_dict",
+           "save_bita_pth", "TIED_LM_HEAD"]

@@ -48,14 +48,16 @@ def conv(t):
     return t.transpose(2, 3, 1, 0)
 
 
-def rows(start: int, stop: int, hook: Callable = identity):
-    """Take rows [start, stop) of a fused tensor (e.g. `in_proj_weight`), then apply `hook`."""
+class rows:
+    """Hook: take rows [start, stop) of a fused tensor (e.g. `in_proj_weight`), then apply
+    `hook`. A class (not a closure) so `export` can put the pieces back together."""
 
-    def take(t):
-        return hook(t[start:stop])
+    def __init__(self, start: int, stop: int, hook: Callable = identity):
+        self.start, self.stop, self.hook = start, stop, hook
+        self.__name__ = f"rows[{start}:{stop}]"
 
-    take.__name__ = f"rows[{start}:{stop}]"
-    return take
+    def __call__(self, t):
+        return self.hook(t[self.start:self.stop])
 
 
 def concat_linear(*ts):
@@ -287,13 +289,27 @@ _INVERSE = {identity: lambda a: a, linear: lambda a: a.T, conv: lambda a: a.tran
 
 def export(module: nnx.Module, entries: Sequence[Entry]) -> dict[str, np.ndarray]:
     """Write `module`'s variables under the PyTorch names of `entries` (for one-to-one entries
-    whose hook is identity, linear or conv; other hooks are shape-only, e.g. scalars, and are
-    treated as identity). Used to hand weights back to the reference code and in tests."""
+    whose hook is identity, linear, conv or `rows` of one of those - fused tensors such as
+    `in_proj_weight` are reassembled from their row blocks; other hooks are shape-only, e.g.
+    scalars, and are treated as identity). Used to hand weights back to the reference code
+    and in tests."""
     variables = module_variables(module)
-    out = {}
+    out, pieces = {}, {}
     for e in entries:
         if len(e.sources) != 1:
             raise ValueError(f"cannot export {e.target}: it is built from {len(e.sources)} tensors")
         value = np.asarray(variables[e.target].get_value())
-        out[e.sources[0]] = np.ascontiguousarray(_INVERSE.get(e.hook, lambda a: a)(value))
+        if isinstance(e.hook, rows):
+            inner = _INVERSE.get(e.hook.hook, lambda a: a)(value)
+            pieces.setdefault(e.sources[0], []).append((e.hook.start, e.hook.stop, inner))
+            continue
+        if e.sources[0] in out:
+            raise ValueError(f"cannot export {e.sources[0]}: written by more than one entry")
+        # .copy(order="C"), not np.ascontiguousarray, which turns a 0-d scalar (`temp`) into shape (1,)
+        out[e.sources[0]] = np.asarray(_INVERSE.get(e.hook, lambda a: a)(value)).copy(order="C")
+    for key, parts in pieces.items():
+        parts.sort(key=lambda p: p[0])
+        if parts[0][0] != 0 or any(a[1] != b[0] for a, b in zip(parts, parts[1:])) or key in out:
+            raise ValueError(f"cannot export {key}: its row blocks {[(a, b) for a, b, _ in parts]} do not tile it")
+        out[key] = np.concatenate([p for _, _, p in parts], axis=0)
     return out
