@@ -42,7 +42,8 @@ def get_config(arg=None):
     c.data.name = "synthetic" if arg.demo else arg.dataset
     c.data.manual_dir = None  # user's folder: annotation JSON(s) + images
     c.data.pir_format = arg.pir_format  # read PIR's own JSON lists (the paper's splits)
-    c.data.data_dir = None  # where built datasets are cached (default ~/rsvl_jax_data)
+    c.data.data_dir = None  # where built datasets are cached (default ~/.cache/rsvl_jax/datasets)
+    c.data.on_error = "raise"  # a bad annotation row or image: "raise" names it, "skip" drops and counts
     c.data.image_size = 224
     c.data.max_words = 30
     c.data.max_tokens = 47
@@ -89,6 +90,7 @@ def get_config(arg=None):
     c.eval_every_epochs = 1
     c.eval_splits = ("val", "test")
     c.keep_checkpoints = 2
+    c.checkpoint_every_steps = 500  # also at every epoch end and on SIGTERM/SIGINT; 0 = epoch ends only
     c.max_steps = -1  # stop early (tests, smoke runs); -1 = all epochs
 
     if arg.demo:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,10 @@ def _params_checkpointer() -> ocp.Checkpointer:
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint does not match what the caller asked to restore."""
+
+
+class MissingStepError(CheckpointError, FileNotFoundError):
+    """A step that is not in the checkpoint directory; the message lists the steps that are."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,6 +235,13 @@ def read_metadata(path: str | os.PathLike) -> dict:
             **{METADATA: ocp.args.JsonRestore()}))[METADATA]
 
 
+def _short_error(e: Exception) -> str:
+    """The informative head of a tensorstore/Orbax error (they append a long JSON spec)."""
+    text = str(e).split("[tensorstore_spec", 1)[0].strip().splitlines()
+    text = text[0] if text else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 # ---------------------------------------------------------------------------------------
 # Training checkpoints
 # ---------------------------------------------------------------------------------------
@@ -320,7 +332,8 @@ class CheckpointManager:
         self.wait()
         step = self.latest_step() if step is None else int(step)
         if step is None or step not in self._mgr.all_steps():
-            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
+            have = ", ".join(map(str, self.all_steps())) or "none"
+            raise MissingStepError(f"no checkpoint step {step} in {self.directory} (steps there: {have})")
         where = os.path.join(self.directory, str(step))
         saved = self._mgr.item_metadata(step)
         items, rebuilders = {}, {}
@@ -334,6 +347,58 @@ class CheckpointManager:
         out = {name: rebuild(restored[name] if name in items else None)
                for name, rebuild in rebuilders.items()}
         return out.get("params"), out.get("opt_state"), dict(restored["data_state"] or {}), step
+
+    def damage(self, step: int) -> str | None:
+        """Why the files of `step` are incomplete (a missing metadata file), or None.
+
+        Without this check a deleted `_METADATA` reads as an empty tree, which the key check
+        would report as hundreds of misleading "missing" keys."""
+        where = os.path.join(self.directory, str(step))
+        for name in ("_CHECKPOINT_METADATA", "params/_METADATA", "opt_state/_METADATA", "data_state"):
+            if not os.path.exists(os.path.join(where, name)):
+                return f"{name} is missing"
+        return None
+
+    def restore_newest_intact(self, abstract_params: Any, abstract_opt_state: Any,
+                              warn=print) -> tuple[Any, Any, dict, int]:
+        """`restore` of the newest step whose files are whole, for resuming a run.
+
+        A damaged step (missing metadata, a truncated or unreadable array file) is reported
+        in one line and moved aside to `<directory>.damaged/<step>` (nothing is deleted, and
+        the step number is free for the resumed run to write again); older steps are tried
+        next. A checkpoint that is intact but does not match the model is a real error, not
+        damage, and is raised at once."""
+        self.wait()
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            problem = self.damage(step)
+            if problem is None:
+                try:
+                    return self.restore(step, abstract_params, abstract_opt_state)
+                except CheckpointError:
+                    raise
+                except Exception as e:  # tensorstore/Orbax read errors: the files are damaged
+                    problem = _short_error(e)
+            moved = self._move_aside(step)
+            warn(f"warning: checkpoint step {step} in {self.directory} is damaged ({problem}); "
+                 f"moved it to {moved} and trying the previous step")
+        raise CheckpointError(f"no intact checkpoint in {self.directory} (damaged: "
+                              f"{', '.join(map(str, steps))}, moved to {self.directory}.damaged); "
+                              "start afresh with another workdir")
+
+    def _move_aside(self, step: int) -> str:
+        target = os.path.join(self.directory + ".damaged", str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                target = f"{target}.{int(time.time())}"
+            os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"rsvl_jax_move_aside_{step}")
+        self._mgr.reload()
+        return target
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from rsvl_jax.errors import UserError
 
 ConfigDict = ml_collections.ConfigDict
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -199,3 +201,63 @@ def parse_cli(argv: Sequence[str]) -> tuple[ConfigDict, list[str]]:
     if spec is None:
         raise ConfigError("missing --config configs/<file>.py[:args]")
     return load_config(spec, overrides), rest
+
+
+# ---------------------------------------------------------------------------------------
+# Checks a task runs on its settings, and the entry points' --help
+# ---------------------------------------------------------------------------------------
+def repo_path(path: str) -> str:
+    """Paths in configs may be relative to the working directory or to the repository
+    (`data/synthetic_vocab` works from anywhere)."""
+    if path and not os.path.exists(path) and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    return path
+
+
+def get_key(config: ConfigDict, key: str) -> Any:
+    """`config` at the dotted `key`; a missing key is a ConfigError naming it."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            raise ConfigError(f"the config has no key {key!r}")
+        node = node[part]
+    return node
+
+
+def check_choice(config: ConfigDict, key: str, choices) -> None:
+    """Raises naming `key` and the accepted values when the setting is not one of them."""
+    value = get_key(config, key)
+    if value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"config key {key!r} is {value!r}; accepted values: {accepted}")
+
+
+def check_paths(config: ConfigDict, *keys: str) -> None:
+    """Path settings must be strings (or unset): `--config.data.manual_dir=5` is a mistake."""
+    for key in keys:
+        value = get_key(config, key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a path (a string), got {value!r}")
+
+
+CONFIG_HELP = """\
+configuration:
+  --config FILE.py[:ARGS]   an experiment file; ARGS is one comma-separated string of the
+                            file's arguments, e.g. configs/pir.py:dataset=rsicd,baseline
+                            (a bare name sets a flag to True)
+  --config.a.b=VALUE        override any field; the value is parsed as the field's type
+                            (ints, floats, true/false, tuples like "(16,32)", strings)
+  An unknown key, argument or wrongly typed value is an error that names it.
+  With --config and --help the resolved configuration is printed as well."""
+
+
+def print_help(parser, argv: Sequence[str]) -> None:
+    """argparse's help, how configs work, and the resolved config when `--config` is given."""
+    parser.print_help()
+    print()
+    print(CONFIG_HELP)
+    argv = [a for a in argv if a not in ("-h", "--help")]
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        config, _ = parse_cli(argv)
+        print("\nresolved configuration:")
+        print(config.to_yaml() if hasattr(config, "to_yaml") else str(config))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -248,3 +248,22 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+def init_sharded(make: Callable[[], nnx.Module], mesh, rules: Rules | None = None) -> nnx.Module:
+    """Builds `make()` straight into the mesh's shardings: abstract shapes first, then a
+    jitted init with `out_shardings`, so a full copy of the model never sits on one device."""
+    # jax.eval_shape, not nnx.eval_shape: the latter turns logical names into mesh shardings.
+    graphdef, abstract = jax.eval_shape(lambda: nnx.split(make()))
+    shardings = shardings_for_tree(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def all_hosts(x) -> np.ndarray:
+    """Every host's rows of `x`, concatenated in host order (one host: `x` as numpy)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))

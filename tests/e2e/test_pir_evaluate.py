@@ -11,7 +11,7 @@ from rsvl_jax import checkpoint, evaluate
 from rsvl_jax.convert import ConversionError
 from rsvl_jax.convert import core
 from rsvl_jax.convert import pir as pir_convert
-from rsvl_jax.train import model_config
+from rsvl_jax.tasks.pir import METRIC_KEYS, model_config
 
 from .test_pir_train import tiny_config
 
@@ -51,7 +51,7 @@ def test_pth_and_orbax_checkpoints_give_the_same_table(weights, capsys):
     from_pth = _table(capsys)
     assert evaluate.main(_args(tmp) + ["--checkpoint", str(orbax_dir)]) == 0
     from_orbax = _table(capsys)
-    assert list(from_pth) == list(evaluate.METRIC_KEYS)
+    assert list(from_pth) == list(METRIC_KEYS)
     assert from_pth == from_orbax
     assert all(0.0 <= v <= 100.0 for v in from_pth.values())
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rsvl_jax import checkpoint, evaluate, parallel, train
+from rsvl_jax import checkpoint, parallel, tasks, train
 from rsvl_jax.config import load_config
 from rsvl_jax.data import pipeline
 from rsvl_jax.models import pir as pir_lib
+from rsvl_jax.tasks import pir as pir_task
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,7 @@ def _records(workdir):
 
 def _final_params(config):
     mgr = checkpoint.CheckpointManager(pathlib.Path(config.workdir) / "checkpoints")
-    mcfg = train.model_config(config)
+    mcfg = pir_task.model_config(config)
     _, abstract = jax.eval_shape(lambda: nnx.split(pir_lib.PIR(mcfg, rngs=nnx.Rngs(0))))
     target = abstract.filter(nnx.Any(nnx.Param, nnx.BatchStat))
     params, _, data_state, step = mgr.restore(None, target, None)
@@ -65,24 +66,24 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def _one_step(config, mesh, batch):
-    """Params after one training step on `mesh` (the same pieces train.train uses)."""
+    """Trainable params after one training step on `mesh` (the same pieces train.train uses)."""
     with jax.set_mesh(mesh), parallel.axis_rules(parallel.DEFAULT_RULES):
-        mcfg = train.model_config(config)
-        model, _ = train.build_model(mcfg, mesh, parallel.DEFAULT_RULES, config.seed)
-        graphdef, params, stats, rngs = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        tx, _ = train.make_optimizer(config, mcfg, params, 200)
+        task = tasks.get(config)
+        model = parallel.init_sharded(task.make_model, mesh, parallel.DEFAULT_RULES)
+        graphdef, params, frozen, stats, rest = train.split_model(model, task)
+        tx, _ = task.optimizer(params, 13, 200)
         opt_state = tx.init(params)
-        step = jax.jit(train.make_train_step(graphdef, tx, config, num_shards=2))
+        step = jax.jit(train.make_train_step(graphdef, task, tx, config.seed))
         batch = parallel.host_local_to_global(batch, mesh)
-        params, stats, _, metrics = step(params, stats, rngs, opt_state, batch, jnp.int32(0))
+        params, stats, _, metrics = step(params, frozen, stats, rest, opt_state, batch, jnp.int32(0))
         return jax.device_get(params), jax.device_get(stats), float(metrics["loss"]), params
 
 
 def test_train_step_on_8_devices_matches_one_device(tmp_path):
     config = tiny_config(tmp_path, "sharded", "--config.optim.lr=1e-3")
-    data = evaluate.open_data(config)
+    data = pir_task.open_data(config)
     loader = pipeline.TrainLoader(data.splits["train"], data.tokenizer, batch_size=16, image_size=32,
-                                  seed=0, transform=evaluate.train_transform(config))
+                                  seed=0, transform=pir_task.train_transform(config))
     batch = next(loader)
     one = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     eight = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
