@@ -37,6 +37,9 @@ class Synthetic(CaptionBuilder):
                         description="for unit tests"),
         SyntheticConfig(name="demo", num_train=2000, num_val=250, num_test=250, image_size=64,
                         description="the CPU demo: learns in minutes"),
+        SyntheticConfig(name="caption_demo", num_train=600, num_val=60, num_test=60, image_size=64,
+                        description="the BITA captioning demo on CPU: 3,000 (image, caption) "
+                                    "pairs, 60-image val/test ground truth"),
         SyntheticConfig(name="large", num_train=10000, num_val=1000, num_test=1000, image_size=128,
                         description="a bigger stand-in for accelerator runs"),
     ]
