@@ -36,13 +36,16 @@ class Family:
     """How to build one model family and map its PyTorch checkpoints.
 
     `plan(config, tensors)` detects the key layout and returns the (possibly renamed)
-    tensors, the entries and the skip rules for that layout.
+    tensors, the entries and the skip rules for that layout. `hf_config(path)`, for families
+    with HF releases, reads the model config from an HF `config.json` (a file or the model
+    directory holding it).
     """
 
     name: str
     presets: Mapping[str, Any]
     build: Callable[[Any, nnx.Rngs], nnx.Module]
     plan: Callable[[Any, Tensors], tuple[Tensors, list[Entry], list[Skip]]]
+    hf_config: Callable[[Any], Any] | None = None
 
 
 def families() -> list[str]:

@@ -172,8 +172,34 @@ def plan(config: ViTConfig, tensors: Tensors):
     return tensors, entries, skips
 
 
+def config_from_hf(d: dict) -> ViTConfig:
+    """`ViTConfig` of the whole image tower (every block, `post_layernorm` kept) from an HF
+    `CLIPVisionConfig` dict, or a `CLIPConfig` dict (its `vision_config`). For BITA's 21-block
+    tower without the final norm use the preset `clip_vit_l14_bita` instead."""
+    d = d.get("vision_config", d) if d.get("model_type") == "clip" or "vision_config" in d else d
+    act = d.get("hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise ConversionError(f"clip_vit: hidden_act {act!r} is not supported (our CLIP ViT uses QuickGELU)")
+    if d.get("num_channels", 3) != 3:
+        raise ConversionError(f"clip_vit: num_channels {d['num_channels']} is not supported (RGB only)")
+    return ViTConfig(image_size=d.get("image_size", 224), patch_size=d.get("patch_size", 32),
+                     width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
+                     mlp_dim=d["intermediate_size"], eps=d.get("layer_norm_eps", 1e-5), final_norm=True)
+
+
+def read_hf_config(path) -> ViTConfig:
+    """`config_from_hf` of an HF model directory's `config.json` (or the file itself)."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(path)
+    path = path / "config.json" if path.is_dir() else path
+    with open(path) as f:
+        return config_from_hf(json.load(f))
+
+
 def build(config: ViTConfig, rngs):
     return VisionTransformer(config, rngs=rngs)
 
 
-FAMILY = Family(name="clip_vit", presets=PRESETS, build=build, plan=plan)
+FAMILY = Family(name="clip_vit", presets=PRESETS, build=build, plan=plan, hf_config=read_hf_config)

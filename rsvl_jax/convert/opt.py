@@ -88,4 +88,4 @@ def from_hf_dir(path: str | os.PathLike, **config_overrides):
     return config, from_pytorch("opt", str(path), config)
 
 
-FAMILY = Family("opt", PRESETS, build, plan)
+FAMILY = Family("opt", PRESETS, build, plan, hf_config=read_hf_config)
