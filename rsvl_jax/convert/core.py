@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rsvl_jax.errors import UserError
+
 Tensors = Mapping[str, np.ndarray]
 
 
-class ConversionError(ValueError):
+class ConversionError(ValueError, UserError):
     """A checkpoint does not match the model: lists every offending key."""
 
 
