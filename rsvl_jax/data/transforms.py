@@ -306,3 +306,16 @@ class EvalTransform:
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         return normalize(resize_bicubic(_check(img), self.size, self.size))
+
+
+# ----------------------------------------------------------------------------- BITA (spec BITA §6.4)
+def bita_image_train(size: int = 224) -> TrainTransform:
+    """``bita_image_train``: RandomResizedCrop(size, scale 0.5-1, ratio 3/4-4/3, bicubic) ->
+    horizontal flip -> CLIP normalisation. No RandAugment."""
+    return TrainTransform(size=size, scale=(0.5, 1.0), randaug=None)
+
+
+def bita_image_eval(size: int = 224) -> EvalTransform:
+    """``bita_image_eval``: bicubic resize to size x size (aspect not kept, no crop) -> CLIP
+    normalisation."""
+    return EvalTransform(size=size)
