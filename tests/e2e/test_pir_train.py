@@ -19,12 +19,17 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def tiny_config(tmp_path, name, *overrides):
     """The demo config shrunk to a 32 px model that compiles and trains in seconds."""
-    return load_config(f"{REPO}/configs/pir.py:demo", [
+    return load_config(f"{REPO}/configs/pir.py:demo", tiny_overrides(tmp_path, name, *overrides))
+
+
+def tiny_overrides(tmp_path, name, *overrides):
+    """The command-line overrides of `tiny_config`, for runs through the CLI."""
+    return [
         "--config.model.preset=pir_test", "--config.model.text_vocab_size=256",
         "--config.data.image_size=32", "--config.data.synthetic_train_images=40",
         "--config.data.synthetic_eval_images=20", f"--config.data.data_dir={tmp_path / 'datasets'}",
         "--config.batch_size=16", "--config.eval_batch_size=20", "--config.reference_device_batch=8",
-        f"--config.workdir={tmp_path / name}", "--config.log_every=1", *overrides])
+        f"--config.workdir={tmp_path / name}", "--config.log_every=1", *overrides]
 
 
 def _records(workdir):
