@@ -103,7 +103,8 @@ class CaptionTrainLoader(pir_pipeline.TrainLoader):
     (OPT ids, ``tokenizer`` from ``bita_text.load_opt_tokenizer``). ``prompt``: "" for stages
     1-2, ``CAPTION_PROMPT`` for the caption fine-tune (stage 3). ``prompt_fix=True`` tokenises
     prompt and caption separately (Q7 fixed; pass the prompt with its trailing space).
-    ``batch_size`` is per host. The epoch plan, sharding, iteration and ``get_state`` /
+    ``sources``: one source, a list of sources or ``{name: source}`` (concatenated in that
+    order). ``batch_size`` is per host. The epoch plan, sharding, iteration and ``get_state`` /
     ``set_state`` are PIR's ``TrainLoader``'s, over the (source, record, caption) items.
     """
 
@@ -117,7 +118,8 @@ class CaptionTrainLoader(pir_pipeline.TrainLoader):
         if isinstance(sources, Mapping):
             self.source_names = list(sources)
             sources = list(sources.values())
-        elif isinstance(sources, (list, tuple)):
+        elif isinstance(sources, (list, tuple)) and not (
+                sources and isinstance(sources[0], Mapping) and "captions" in sources[0]):
             self.source_names = [str(k) for k in range(len(sources))]
         else:
             sources, self.source_names = [sources], ["0"]
