@@ -116,6 +116,8 @@ def nwpu_manual(root, edit=None):
 def test_nwpu_official(tmp_path):
     b = build("nwpu_captions", tmp_path, nwpu_manual(tmp_path / "nwpu"))
     assert b.builder_config.name == "official"
+    assert B.build("nwpu_captions", tmp_path / "out", config="karpathy",
+                   manual_dir=tmp_path / "nwpu").data_dir == b.data_dir  # alias
     assert split_counts(b) == {"train": 3, "val": 1, "test": 2}
     assert B.class_names(b) == ["airplane", "airport", "baseball_diamond"]  # sorted categories
     train = B.open_split(b, "train")

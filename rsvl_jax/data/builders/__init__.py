@@ -1,7 +1,14 @@
 """Dataset builders (TFDS, array_record, no TensorFlow needed) and small helpers to open them.
 
-Importing this package registers the builders with TFDS under the names ``rsicd``, ``rsitmd``
-and ``synthetic`` (``tfds.builder("rsitmd/pir", ...)`` then works too).
+Importing this package registers the builders with TFDS under the names ``rsicd``, ``rsitmd``,
+``ucm_captions``, ``sydney_captions``, ``nwpu_captions`` and ``synthetic``. Open them with
+``build`` (not ``tfds.builder``): it checks every time that the build matches ``manual_dir``
+(``builders.cache``).
+
+Configs: ``karpathy`` = the official annotation file (NWPU's ``official``; "karpathy" is
+accepted as its alias), ``pir`` = PIR's lists (rsicd, rsitmd), ``bita`` = BITA's lists (rsicd,
+ucm_captions, nwpu_captions, sydney_captions); synthetic: tiny, demo, caption_demo, large or
+``synthetic_config(...)``.
 """
 from __future__ import annotations
 

@@ -20,15 +20,9 @@ from __future__ import annotations
 import collections
 import pathlib
 
-from rsvl_jax.data.builders.common import UNKNOWN_LABEL, DatasetError, ImageRecord, read_json
+from rsvl_jax.data.builders.common import UNKNOWN_LABEL, DatasetError, ImageRecord, _field, read_json
 
 EVAL_SPLITS = ("val", "test")
-
-
-def _field(row, key, types, where):
-    from rsvl_jax.data.builders.karpathy import _field as field  # one checker for all formats
-
-    return field(row, key, types, where)
 
 
 def list_paths(manual: pathlib.Path, prefix: str) -> dict[str, pathlib.Path]:

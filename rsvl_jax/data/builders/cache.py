@@ -37,6 +37,7 @@ def resolve_config(cls, config):
     if config is None:
         return cls.BUILDER_CONFIGS[0] if cls.BUILDER_CONFIGS else None
     if isinstance(config, str):
+        config = getattr(cls, "CONFIG_ALIASES", {}).get(config, config)
         known = {c.name: c for c in cls.BUILDER_CONFIGS}
         if config not in known:
             raise ValueError(f"{cls.name} has no config {config!r}; known: {sorted(known)}")

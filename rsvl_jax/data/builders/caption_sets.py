@@ -135,6 +135,8 @@ class NwpuCaptions(KarpathyPirBuilder):
     """NWPU-Captions (Cheng et al. 2022) from the user's local copy (``manual_dir``)."""
 
     BUILDER_CONFIGS = [NWPU_CONFIG, BITA_CONFIG]
+    # builders.build(..., config="karpathy") means "the official file" for every dataset
+    CONFIG_ALIASES = {"karpathy": "official"}
     KARPATHY_FILE = "dataset_nwpu.json"  # what source_files fingerprints for 'official'
     BITA_PREFIX = "NWPU"
     IMAGE_DIRS = ("NWPU_images", "images")

@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from rsvl_jax.errors import UserError
 from rsvl_jax.data.text import pre_caption  # text.py owns the normalisation rules
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ UNKNOWN_LABEL = -1  # a scene class could not be determined (e.g. RSICD's "00017
 ON_ERROR = ("raise", "skip")
 
 
-class DatasetError(ValueError):
-    """Bad input data. The message names the file, the row and the field."""
+class DatasetError(UserError, ValueError):
+    """Bad input data (or a stale/missing build). The message names the file, row and field."""
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -62,6 +63,23 @@ def read_json(path: os.PathLike | str, encodings: Sequence[str] = ("utf-8",)) ->
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}: malformed JSON ({e})") from e
     raise DatasetError(f"{path}: cannot decode the file with any of {list(encodings)}: {errors}")
+
+
+def _field(row: Any, key: str, types, where: str):
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if key not in row:
+        raise DatasetError(f"{where}: missing field {key!r}")
+    value = row[key]
+    is_bad_bool = isinstance(value, bool) and bool not in _as_tuple(types)  # True is an int
+    if not isinstance(value, types) or is_bad_bool:
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        raise DatasetError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)
 
 
 _SCENE_RE = re.compile(r"([a-z]+(?:[ _-][a-z]+)*)[ _-]*\(?\d+\)?")

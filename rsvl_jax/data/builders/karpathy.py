@@ -14,28 +14,11 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from rsvl_jax.data.builders.common import (
-    UNKNOWN_LABEL, CaptionBuilder, DatasetError, ImageRecord, manual_file, read_json,
+from rsvl_jax.data.builders.common import (  # noqa: F401  (_field is used by caption_sets)
+    UNKNOWN_LABEL, CaptionBuilder, DatasetError, ImageRecord, _field, manual_file, read_json,
     scene_from_filename)
 
 KARPATHY_SPLITS = ("train", "val", "test")
-
-
-def _field(row: Any, key: str, types, where: str):
-    if not isinstance(row, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if key not in row:
-        raise DatasetError(f"{where}: missing field {key!r}")
-    value = row[key]
-    is_bad_bool = isinstance(value, bool) and bool not in _as_tuple(types)  # True is an int
-    if not isinstance(value, types) or is_bad_bool:
-        names = "/".join(t.__name__ for t in _as_tuple(types))
-        raise DatasetError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
-    return value
-
-
-def _as_tuple(types):
-    return types if isinstance(types, tuple) else (types,)
 
 
 def class_names_from_filenames(filenames) -> list[str]:
