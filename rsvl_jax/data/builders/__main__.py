@@ -11,7 +11,8 @@ def main(argv=None) -> None:
     ap.add_argument("name", choices=sorted(builders.BUILDERS))
     ap.add_argument("--data_dir", required=True, help="where the array_record dataset goes")
     ap.add_argument("--manual_dir", help="your downloaded annotation file(s) and images")
-    ap.add_argument("--config", help="e.g. karpathy | pir (rsicd, rsitmd); tiny | demo | large (synthetic)")
+    ap.add_argument("--config", help="e.g. karpathy | pir (rsicd, rsitmd) | bita (rsicd, ucm_captions, "
+                    "nwpu_captions, sydney_captions); tiny | demo | caption_demo | large (synthetic)")
     ap.add_argument("--on_error", default="raise", choices=["raise", "skip"])
     args = ap.parse_args(argv)
     b = builders.build(args.name, args.data_dir, config=args.config, manual_dir=args.manual_dir,
