@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -42,6 +43,7 @@ from rsvl_jax.convert.core import (
     export as core_export,
     linear_entries,
     norm_entries,
+    path_str,
     prefixed,
     read_state_dict,
 )
@@ -365,3 +367,39 @@ def save_bita_pth(model, path, *, epoch: int = 0, config: Mapping | None = None,
 __all__ = ["FAMILIES", "PREFIXES", "table", "stage1_table", "opt_table", "reference_names", "detect_prefix",
            "load_bita_stage1", "load_bita_opt", "init_bita_opt_from_stage1", "check_tied_lm_head", "bita_state_dict",
            "save_bita_pth", "TIED_LM_HEAD"]
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 1's start: the IFT from BERT-base (§2.8, Q4).
+# ----------------------------------------------------------------------------------------
+def init_stage1_from_bert(bridge, bert_source) -> str:
+    """Fills a `Stage1Bridge`'s IFT from BERT weights as the reference's `init_IFT` does:
+    word and position embeddings, the embedding LayerNorm and every layer's FFN, each FFN
+    copied into its `_query` twin as well; BERT's extra rows are taken up to our vocabulary
+    (the `[DEC]` row keeps its N(0, 0.02) init). Cross-attention, the Fourier LayerNorms,
+    `query_tokens`, the projections and `temp` keep their fresh init. Returns a summary line."""
+    tensors = read_state_dict(bert_source)
+    bert = {(k if k.startswith("bert.") else f"bert.{k}"): v for k, v in tensors.items()}
+    entries, _ = _qformer(bridge.config, "Fformer.")
+    variables = {path_str(p): v for p, v in nnx.state(bridge, nnx.Param).flat_state()}
+    loaded = 0
+    for e in entries:
+        if len(e.sources) != 1 or not e.sources[0].startswith("Fformer.bert."):
+            continue
+        name = e.sources[0][len("Fformer."):].replace("_query", "")  # the query FFN from its text twin
+        if name not in bert or e.target not in variables:
+            continue
+        value, var = np.asarray(e.hook(bert[name])), variables[e.target]
+        if "word_embeddings" in name and value.shape[0] != var.shape[0]:
+            rows = min(value.shape[0], var.shape[0])
+            value = np.concatenate([value[:rows], np.asarray(var.get_value())[rows:]])
+        if value.shape != tuple(var.shape):
+            raise ConversionError(f"{_name(bert_source)}: {name} has shape {value.shape}, the IFT's "
+                                  f"{e.target} {tuple(var.shape)}: not a BERT-base checkpoint for this IFT")
+        var.set_value(jnp.asarray(value, var.dtype))
+        loaded += 1
+    needed = 3 + 6 * bridge.config.qformer.layers  # embeddings + (text and query FFN) x layers
+    if loaded < needed:
+        raise ConversionError(f"{_name(bert_source)}: only {loaded} of the {needed} BERT tensors the IFT "
+                              "starts from were found (bert.embeddings.*, bert.encoder.layer.*.intermediate/output.*)")
+    return f"stage-1 IFT <- {_name(bert_source)} (BERT: {loaded} tensors; cross-attention and Fourier LNs fresh)"

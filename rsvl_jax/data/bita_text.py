@@ -124,3 +124,22 @@ def decode_captions(tokenizer, tokens, lengths=None) -> list[str]:
 
 __all__ = ["DEC_TOKEN", "load_bita_bert_tokenizer", "encode_stage1", "load_opt_tokenizer", "encode_opt",
            "encode_opt_captions", "opt_prompt_length", "opt_eos_id", "decode_captions"]
+
+
+def generate_captions(model, images, *, tokenizer, prompt: str | None = None, config=None,
+                      rng=None) -> list[str]:
+    """Captions as BITA returns them (§5) from a `models.bita.BITAOPT`: beam search from
+    `[inputs_opt; embed(BOS + prompt)]`, decoded without special tokens and `.strip()`-ed
+    (which drops the "\\n" terminator). `prompt`: default the model's; `config`: default
+    `GenerationConfig.bita()` with eos = this tokenizer's "\\n". Lives here, not in the model,
+    because it is text handling: models stay free of tokenizers."""
+    from rsvl_jax import decoding
+
+    prompt = model.config.prompt if prompt is None else prompt
+    if config is None:
+        opt = model.config.opt
+        config = decoding.GenerationConfig.bita(eos_token_id=opt_eos_id(tokenizer), pad_token_id=opt.pad_token_id,
+                                                bos_token_id=opt.bos_token_id)
+    prompt_ids, _ = encode_opt(tokenizer, [prompt], max_len=model.config.max_txt_len)
+    out = model.generate_ids(images, prompt_ids[0], config=config, rng=rng)
+    return decode_captions(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))

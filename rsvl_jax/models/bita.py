@@ -317,25 +317,6 @@ class BITAOPT(_Frozen, nnx.Module):
         graphdef, state = nnx.split(self)
         return _decode_jit(graphdef, state, jnp.asarray(images), jnp.asarray(prompt_ids, jnp.int32), rng, config=config)
 
-    def generate(self, images, *, tokenizer, prompt: str | None = None,
-                 config: decoding.GenerationConfig | None = None, rng=None) -> list[str]:
-        """Captions as BITA returns them (§5): beam search from `[inputs_opt; embed(BOS + prompt)]`,
-        decode without special tokens, `.strip()` (drops the "\\n" terminator and spaces).
-
-        `tokenizer`: the OPT tokenizer (HF, from a local directory). `prompt`: default
-        `config.prompt`. `config`: default `GenerationConfig.bita()` with eos = the tokenizer's "\\n".
-        """
-        from rsvl_jax.data import bita_text  # host-side helpers; imported lazily (models stay data-free)
-
-        prompt = self.config.prompt if prompt is None else prompt
-        if config is None:
-            config = decoding.GenerationConfig.bita(
-                eos_token_id=bita_text.opt_eos_id(tokenizer), pad_token_id=self.config.opt.pad_token_id,
-                bos_token_id=self.config.opt.bos_token_id)
-        prompt_ids, _ = bita_text.encode_opt(tokenizer, [prompt], max_len=self.config.max_txt_len)
-        out = self.generate_ids(images, prompt_ids[0], config=config, rng=rng)
-        return bita_text.decode_captions(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))
-
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def _decode_jit(graphdef, state, images, prompt_ids, rng, config):

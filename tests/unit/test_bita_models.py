@@ -280,11 +280,11 @@ def test_greedy_generate_equals_argmax_loop(opt_model, tokenizer):
     out = m.generate_ids(images, prompt_ids, config=cfg)
     want = _argmax_loop(m, images, prompt_ids, 6, eos)
     np.testing.assert_array_equal(out.tokens, want)
-    texts = m.generate(images, tokenizer=tokenizer, prompt=prompt, config=cfg)
+    texts = bita_text.generate_captions(m, images, tokenizer=tokenizer, prompt=prompt, config=cfg)
     assert texts == [tokenizer.decode([t for t in row if t != 1], skip_special_tokens=True).strip() for row in want]
     assert all(isinstance(t, str) and t == t.strip() for t in texts)
 
 
 def test_default_generate_is_bita_beam_search(opt_model, tokenizer):
-    texts = opt_model.generate(_images(6), tokenizer=tokenizer)
+    texts = bita_text.generate_captions(opt_model, _images(6), tokenizer=tokenizer)
     assert len(texts) == 2 and all(isinstance(t, str) and "\n" not in t and t == t.strip() for t in texts)
