@@ -33,7 +33,10 @@ STAGE_VALUES = {
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, stage="1", dataset="", demo=False)
+    arg = parse_arg(arg, stage="", dataset="", demo=False)
+    # `demo` alone runs the whole chain: stages 1 and 2 first (run_first), then the caption stage.
+    chain = arg.demo and not arg.stage
+    arg.stage = arg.stage or ("caption" if arg.demo else "1")
     if arg.stage not in STAGES:
         raise ConfigError(f"configs/bita.py: stage must be one of {', '.join(STAGES)}, got {arg.stage!r}")
     dataset = arg.dataset or ("ucm" if arg.stage == "caption" else "all")
@@ -47,8 +50,11 @@ def get_config(arg=None):
     c.task = "bita"
     c.stage = arg.stage  # "1" ITC (bita_former) | "2" prefix-LM pre-training | "caption" fine-tune
     c.seed = 42
-    c.workdir = f"runs/bita_{'stage' + arg.stage if arg.stage != 'caption' else 'caption'}_" \
-                f"{'demo' if arg.demo else dataset}"
+    stage_dir = "stage" + arg.stage if arg.stage != "caption" else "caption"
+    c.workdir = f"runs/bita_demo/{stage_dir}" if arg.demo else f"runs/bita_{stage_dir}_{dataset}"
+    # Config arguments of this file run to completion first, in sibling directories of
+    # workdir, each stage starting from the one before (train.py; the demo's whole chain).
+    c.run_first = ("stage=1,demo", "stage=2,demo") if chain else ()
 
     # --- model -----------------------------------------------------------------------------
     c.model = ConfigDict()
@@ -141,7 +147,8 @@ def get_config(arg=None):
     # Pre-training evaluates nothing and its output is the last epoch (Q11); the caption
     # fine-tune evaluates val every epoch, keeps the best CIDEr + BLEU-4, then tests it.
     c.eval_every_epochs = 1 if arg.stage == "caption" else 0
-    c.eval_splits = ("val", "test") if arg.stage == "caption" else ()
+    c.eval_splits = ("val",) if arg.stage == "caption" else ()
+    c.final_splits = ("test",) if arg.stage == "caption" else ()  # with the best checkpoint (§7)
     c.best_metric = "val_agg_metrics" if arg.stage == "caption" else None
     c.keep_checkpoints = 2
     c.checkpoint_every_steps = 500
@@ -165,4 +172,7 @@ def get_config(arg=None):
         c.optim.init_lr, c.optim.min_lr, c.optim.warmup_lr, c.optim.warmup_steps = 1e-3, 1e-4, 1e-5, 20
         c.log_every = 10
         c.checkpoint_every_steps = 0
+        # Each demo stage starts from the previous demo stage's run directory.
+        c.model.init_checkpoint = {"1": None, "2": "runs/bita_demo/stage1",
+                                   "caption": "runs/bita_demo/stage2"}[arg.stage]
     return c

@@ -235,11 +235,33 @@ def read_metadata(path: str | os.PathLike) -> dict:
             **{METADATA: ocp.args.JsonRestore()}))[METADATA]
 
 
-def _short_error(e: Exception) -> str:
-    """The informative head of a tensorstore/Orbax error (they append a long JSON spec)."""
-    text = str(e).split("[tensorstore_spec", 1)[0].strip().splitlines()
-    text = text[0] if text else type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+def _short_error(e: BaseException) -> str:
+    """The informative part of a tensorstore/Orbax read error: Orbax wraps the tensorstore
+    error (which names the array and the file) in an exception carrying a long JSON spec."""
+    cause = e.__cause__ or e
+    text = str(cause).split("[tensorstore_spec", 1)[0].split("See full TensorStore", 1)[0].strip()
+    text = " ".join(text.split()) or type(cause).__name__
+    return text if len(text) <= 800 else text[:797] + "..."
+
+
+def _quiet_damaged_reads() -> None:
+    """After a failed read, tensorstore's abandoned coroutines report each damaged array (and
+    "Event loop is closed") as unraisable exceptions, hundreds of lines; the one-line warning
+    already said it all, so those reports are dropped for the rest of the process."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_rsvl_quiet", False):
+        return
+
+    def hook(unraisable):
+        text = str(unraisable.exc_value)
+        if "Event loop is closed" in text or "Encountered error while reading array" in text:
+            return
+        previous(unraisable)
+
+    hook._rsvl_quiet = True
+    sys.unraisablehook = hook
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,6 +401,7 @@ class CheckpointManager:
                     raise
                 except Exception as e:  # tensorstore/Orbax read errors: the files are damaged
                     problem = _short_error(e)
+                    _quiet_damaged_reads()
             moved = self._move_aside(step)
             warn(f"warning: checkpoint step {step} in {self.directory} is damaged ({problem}); "
                  f"moved it to {moved} and trying the previous step")

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from rsvl_jax import checkpoint, parallel, tasks
-from rsvl_jax.config import ConfigError, parse_cli, print_help
+from rsvl_jax.config import ConfigError, load_config, parse_cli, print_help
 from rsvl_jax.errors import UserError, run_cli
 
 
@@ -167,6 +167,9 @@ def train(config, command: str | None = None) -> dict:
     is_main = jax.process_index() == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     say(f"run directory: {workdir}")
+    if is_main:  # what this run is, for `evaluate` and for the next stage that starts from it
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
 
     with jax.set_mesh(mesh), parallel.axis_rules(rules):
         # ================================================================= data
@@ -238,7 +241,8 @@ def train(config, command: str | None = None) -> dict:
                 # ------------------------------------------------------------- evaluation
                 eval_metrics = {}
                 epoch = step // steps_per_epoch
-                if end_of_epoch and task.eval_splits and epoch % config.eval_every_epochs == 0:
+                every_epochs = config.eval_every_epochs
+                if end_of_epoch and task.eval_splits and every_epochs > 0 and epoch % every_epochs == 0:
                     current = nnx.merge(graphdef, trainable, frozen, mutable, rest)
                     for split in task.eval_splits:
                         res = task.evaluate(current, data, split, step)
@@ -289,7 +293,7 @@ def train(config, command: str | None = None) -> dict:
                 value = (ckpt.metrics(best) or {}).get(name, float("nan"))
                 say(f"  best {name} {value:.2f} at step {best}: {ckpt.directory}/{best}")
         say(f"  latest checkpoint: {ckpt.directory}/{ckpt.latest_step()}")
-        if command:
+        if command and task.evaluate is not None:
             say(f"  evaluate: python -m rsvl_jax.evaluate {command} --checkpoint {workdir}")
         say(f"  curves:   tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
         return final or last_eval
@@ -315,8 +319,47 @@ def main(argv=None) -> int:
     config, rest = parse_cli(argv)
     if rest:
         raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
+    for earlier in stages_first(config, argv):
+        train(earlier)
     train(config, command=" ".join(a for a in argv))
     return 0
+
+
+def stages_first(config, argv) -> list:
+    """The configs of `config.run_first` (arguments of the same config file, e.g. the BITA
+    demo's stages 1 and 2), each in a sibling directory of `workdir` named like its own
+    default, started from the stage before it. Command-line overrides of keys they share
+    apply to them too (data paths, sizes), except `workdir` and `model.init_checkpoint`."""
+    firsts = tuple(config.get("run_first", ()))
+    if not firsts:
+        return []
+    spec = next(a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
+                for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    path = spec.split(".py:", 1)[0] + ".py" if ".py:" in spec else spec
+    own = ("--config.workdir=", "--config.model.init_checkpoint=")
+    shared = [a for a in argv if a.startswith("--config.") and not a.startswith(own)]
+    base = os.path.dirname(os.path.abspath(config.workdir))
+    out, previous = [], None
+    for arg in firsts:
+        default = load_config(f"{path}:{arg}")
+        overrides = [o for o in shared if _has_key(default, o[len("--config."):].split("=", 1)[0])]
+        overrides.append(f"--config.workdir={os.path.join(base, os.path.basename(default.workdir))}")
+        if previous is not None:
+            overrides.append(f"--config.model.init_checkpoint={previous}")
+        out.append(load_config(f"{path}:{arg}", overrides))
+        previous = out[-1].workdir
+    if not any(a.startswith("--config.model.init_checkpoint=") for a in argv):
+        config.model.init_checkpoint = previous  # a locked ConfigDict still takes new values
+    return out
+
+
+def _has_key(config, key: str) -> bool:
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 if __name__ == "__main__":

@@ -284,14 +284,24 @@ def init_bita_opt_from_stage1(stage1_source, vit_source=None, opt_source=None,
     vit_t, vit_name = _frozen_part(vit_t, vit_source, "vit", "vit_source", name)
     opt_t, opt_name = _frozen_part({}, opt_source, "opt", "opt_source", name)
     bridge = OPTBridge(config, rngs=nnx.Rngs(seed))  # opt_proj keeps this init
-    entries, skips = _qformer(config, detect_prefix(rest))  # text=False: the text side is skipped
-    entries += norm_entries("ln_vision", "ln_vision")
-    r_bita = convert(_Parts(ln_vision=bridge.ln_vision, qformer=bridge.qformer), rest, entries,
-                     skips + [_STAGE1_ONLY], source=f"{name} (stage 1 -> bita_opt)")
+    r_bita = init_opt_bridge_from_stage1(bridge, rest, name)
     vit, r_vit = _convert_family("clip_vit", vit_t, config.vit, vit_name, seed)
     opt, r_opt = _convert_family("opt", opt_t, config.opt, opt_name, seed + 1)
     model = BITAOPT(config, rngs=nnx.Rngs(seed), visual_encoder=vit, bridge=bridge, opt_model=opt)
     return (model, {"vit": r_vit, "opt": r_opt, "bita": r_bita}) if with_report else model
+
+
+def init_opt_bridge_from_stage1(bridge: OPTBridge, stage1_source, name: str | None = None) -> Report:
+    """Fills `bridge`'s `ln_vision` and IFT query path from a stage-1 checkpoint (a `.pth` or
+    its tensors; §10.3), strictly; `opt_proj` keeps its init. The frozen ViT is ignored."""
+    name = name or _name(stage1_source)
+    vit_t, opt_t, rest = _split(read_state_dict(stage1_source))
+    if opt_t:
+        raise ConversionError(f"{name} has opt_model.* tensors: not a stage-1 checkpoint")
+    entries, skips = _qformer(bridge.config, detect_prefix(rest))  # text=False: the text side is skipped
+    entries += norm_entries("ln_vision", "ln_vision")
+    return convert(_Parts(ln_vision=bridge.ln_vision, qformer=bridge.qformer), rest, entries,
+                   skips + [_STAGE1_ONLY], source=f"{name} (stage 1 -> bita_opt)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -364,9 +374,6 @@ def save_bita_pth(model, path, *, epoch: int = 0, config: Mapping | None = None,
     return sd
 
 
-__all__ = ["FAMILIES", "PREFIXES", "table", "stage1_table", "opt_table", "reference_names", "detect_prefix",
-           "load_bita_stage1", "load_bita_opt", "init_bita_opt_from_stage1", "check_tied_lm_head", "bita_state_dict",
-           "save_bita_pth", "TIED_LM_HEAD"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -403,3 +410,8 @@ def init_stage1_from_bert(bridge, bert_source) -> str:
         raise ConversionError(f"{_name(bert_source)}: only {loaded} of the {needed} BERT tensors the IFT "
                               "starts from were found (bert.embeddings.*, bert.encoder.layer.*.intermediate/output.*)")
     return f"stage-1 IFT <- {_name(bert_source)} (BERT: {loaded} tensors; cross-attention and Fourier LNs fresh)"
+
+
+__all__ = ["FAMILIES", "PREFIXES", "table", "stage1_table", "opt_table", "reference_names", "detect_prefix",
+           "load_bita_stage1", "load_bita_opt", "init_bita_opt_from_stage1", "check_tied_lm_head", "bita_state_dict",
+           "save_bita_pth", "TIED_LM_HEAD", "init_stage1_from_bert", "init_opt_bridge_from_stage1"]

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Any, Callable
 
 import jax
 import optax
 from flax import nnx
 
+from rsvl_jax import checkpoint, parallel
 from rsvl_jax.config import ConfigError, check_choice
 
 TASKS = ("pir", "bita")
@@ -59,13 +61,15 @@ class Task:
     final_splits: tuple[str, ...] = ()  # evaluated once after training, with the best checkpoint
     best_metrics: tuple[str, ...] = ()  # "<split>_<name>": the best step of each is kept
     metric_keys: tuple[str, ...] = ()  # the columns of evaluate's table
+    metric_format: str = "8.2f"  # PIR's recalls in %; BITA's caption metrics are fractions
     load_frozen: Callable[[nnx.Module], list[str]] = _nothing  # every start, resumes included
     load_pytorch: Callable[[nnx.Module, str], str] | None = None  # evaluate: a released .pth
+    export_pytorch: Callable[[nnx.Module, str], str] | None = None  # the reference's .pth layout
 
     def format_metrics(self, metrics: Metrics) -> str:
         """`val_r_mean 12.30  test_r_mean 11.00` for the keys of the table, in order."""
         keys = [k for k in metrics if k.split("_", 1)[-1] in self.metric_keys]
-        return "  ".join(f"{k} {metrics[k]:.2f}" for k in keys)
+        return "  ".join(f"{k} {metrics[k]:{self.metric_format}}".replace("  ", " ").strip() for k in keys)
 
 
 def get(config) -> Task:
@@ -75,3 +79,46 @@ def get(config) -> Task:
         raise ConfigError("the config has no `task` field (one of: " + ", ".join(TASKS) + ")")
     check_choice(config, "task", TASKS)
     return importlib.import_module(f"rsvl_jax.tasks.{name}").make(config)
+
+
+PYTORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def load_model(task: Task, config, path: str, step: int | None = None, say=print) -> nnx.Module:
+    """The task's model, sharded on the current mesh, with the weights at `path`: a run
+    directory (its best step by the task's first best metric, else its latest, or `step`), a
+    parameter checkpoint written by `python -m rsvl_jax.convert`, or a PyTorch file."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    model = parallel.init_sharded(task.make_model, parallel.make_mesh(config.mesh) if mesh.empty else mesh, rules)
+    for line in task.load_frozen(model):
+        say(line)
+    run_ckpts = os.path.join(path, "checkpoints")
+    if os.path.isdir(run_ckpts):
+        mgr = checkpoint.CheckpointManager(run_ckpts, best_metrics=task.best_metrics)
+        try:
+            if step is None:
+                best = task.best_metrics and mgr.best_step(task.best_metrics[0])
+                step = best or mgr.latest_step()
+            if step is None:
+                raise checkpoint.CheckpointError(f"the run {path} has no checkpoint yet")
+            saved, _, _, step = mgr.restore(step, nnx.state(model, task.saved), None)
+        finally:
+            mgr.close()
+        nnx.update(model, saved)
+        say(f"restored step {step} from {run_ckpts}")
+    elif step is not None:
+        raise ConfigError(f"--step needs a run directory; {path} is not one (it has no checkpoints/)")
+    elif path.endswith(PYTORCH_SUFFIXES):
+        if task.load_pytorch is None:
+            raise ConfigError(f"the {task.name} task cannot read PyTorch files; convert {path} first")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint file {path}")
+        say(task.load_pytorch(model, path))
+    elif os.path.isdir(path):
+        nnx.update(model, checkpoint.restore_params(path, nnx.state(model, task.saved)))
+        say(f"restored {path}")
+    else:
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a run directory, a converted "
+                                f"checkpoint directory or a {'/'.join(PYTORCH_SUFFIXES)} file)")
+    return model

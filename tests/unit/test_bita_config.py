@@ -32,8 +32,11 @@ def test_values(stage, dataset, demo):
     assert c.data.eval_train_transform is False
     assert (c.generate.num_beams, c.generate.max_new_tokens, c.generate.min_length) == (5, 21, 5)
     assert c.model.dtype == "float32" and c.model.remat is False
-    for key in ("vit_weights", "opt_dir", "bert_dir", "init_checkpoint", "blip2_checkpoint"):
+    for key in ("vit_weights", "opt_dir", "bert_dir", "blip2_checkpoint"):
         assert key in c.model and c.model[key] is None
+    # Demo stages start from the previous demo stage's run; real runs are told where to start.
+    expected = {"1": None, "2": "runs/bita_demo/stage1", "caption": "runs/bita_demo/stage2"}[stage]
+    assert c.model.init_checkpoint == (expected if demo else None)
     # the same top-level keys as configs/pir.py where they mean the same thing
     pir = config.load_config("configs/pir.py")
     for key in ("seed", "workdir", "batch_size", "eval_batch_size", "epochs", "mesh", "sharding_rules",
