@@ -69,7 +69,7 @@ class Task:
     def format_metrics(self, metrics: Metrics) -> str:
         """`val_r_mean 12.30  test_r_mean 11.00` for the keys of the table, in order."""
         keys = [k for k in metrics if k.split("_", 1)[-1] in self.metric_keys]
-        return "  ".join(f"{k} {metrics[k]:{self.metric_format}}".replace("  ", " ").strip() for k in keys)
+        return "  ".join(f"{k} {format(metrics[k], self.metric_format).strip()}" for k in keys)
 
 
 def get(config) -> Task:

@@ -140,7 +140,7 @@ def open_data(config) -> RetrievalData:
             raise ConfigError(f"set --config.data.manual_dir to your {d.name} folder "
                               "(annotation JSON and images; see rsvl_jax/data/builders)")
         builder = builders.build(d.name, data_dir(config), config="pir" if d.pir_format else "karpathy",
-                                 manual_dir=d.manual_dir)
+                                 manual_dir=d.manual_dir, on_error=d.on_error)
     if not d.vocab:
         raise ConfigError("set --config.data.vocab to a BERT vocabulary folder (e.g. bert-base-uncased)")
     tokenizer = text_lib.load_bert_tokenizer(repo_path(d.vocab))

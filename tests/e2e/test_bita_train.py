@@ -154,3 +154,17 @@ def test_export_then_import_and_evaluate_from_both(chain, tmp_path, capsys):
     assert evaluate.main(run + ["--checkpoint", str(pth)]) == 0
     table_pth = _table(capsys)
     assert table_run == table_pth and "CIDEr" in table_run and "Bleu_4" in table_run
+
+
+@pytest.mark.slow
+def test_the_demo_learns_to_caption(tmp_path, capsys):
+    """`configs/bita.py:demo`: stages 1, 2 and caption in one command on the synthetic captions;
+    CIDEr on the test split far above always emitting the most common training caption."""
+    args = [f"--config={CONFIG}:demo", f"--config.workdir={tmp_path / 'demo' / 'caption'}",
+            f"--config.data.data_dir={tmp_path.parent / 'bita_data'}"]
+    assert train.main(args) == 0
+    for stage in ("stage1", "stage2", "caption"):
+        assert (tmp_path / "demo" / stage / "checkpoints").is_dir(), stage
+    final = json.loads((tmp_path / "demo" / "caption" / "final_metrics.json").read_text())
+    assert final["test_CIDEr"] > 2 * final["test_baseline_CIDEr"], final
+    assert final["test_CIDEr"] > final["test_baseline_CIDEr"] + 0.3, final
