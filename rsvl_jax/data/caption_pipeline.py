@@ -149,6 +149,7 @@ class CaptionTrainLoader(pir_pipeline.TrainLoader):
             raise ValueError(f"{len(self.items)} training pairs over {self.process_count} hosts "
                              f"give no full batch of {self.batch_size}")
         self._epoch, self._step, self._it = 0, 0, None
+        self._text_lengths = None
 
     def _load(self, item: int, epoch: int) -> dict:
         d, r, j = (int(v) for v in self.items[item])
@@ -173,13 +174,25 @@ class CaptionTrainLoader(pir_pipeline.TrainLoader):
             ids, mask = bita_text.encode_stage1(texts, self.tokenizer, self.max_len)
         else:
             ids, mask = bita_text.encode_opt_captions(
-                self.tokenizer, texts, self.max_len, self.text_bucket,
+                self.tokenizer, texts, self.max_len, self._bucket(examples),
                 prompt=self.prompt if self.prompt_fix else None)
             out["targets"] = opt_targets(ids, mask, self.prompt_length)
         out["text_ids"], out["text_mask"] = ids, mask
         out["image_id"] = np.asarray([e["image_id"] for e in examples], np.int32)
         out["dataset"] = np.asarray([e["dataset"] for e in examples], np.int32)
         return out
+
+    def _captions(self) -> list[str]:
+        prompt = "" if self.prompt_fix else self.prompt
+        return [text_lib.bita_pre_caption(_str(rec["captions"][j]), self.max_words, prompt)
+                for source in self.sources for rec in _records(source) for j in range(len(rec["captions"]))]
+
+    def text_lengths(self, captions: Sequence[str]) -> np.ndarray:
+        if self.stage == 1:  # always exactly max_len (Q2)
+            return np.full(len(captions), self.max_len)
+        _, mask = bita_text.encode_opt_captions(self.tokenizer, list(captions), self.max_len, None,
+                                                prompt=self.prompt if self.prompt_fix else None)
+        return mask.sum(axis=1)
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()

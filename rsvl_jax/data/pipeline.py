@@ -120,6 +120,7 @@ class TrainLoader:
             raise ValueError(f"{len(self.items)} training items over {self.process_count} hosts "
                              f"give no full batch of {self.batch_size}")
         self._epoch, self._step, self._it = 0, 0, None
+        self._text_lengths = None  # per item, computed on first use with several hosts
 
     @property
     def num_items(self) -> int:
@@ -128,12 +129,46 @@ class TrainLoader:
     # -- epoch plan
     def epoch_items(self, epoch: int) -> np.ndarray:
         """This host's item indices for ``epoch``, in order, whole batches only."""
+        return self._host_items(epoch, self.process_index)
+
+    def _host_items(self, epoch: int, host: int) -> np.ndarray:
+        """Each step's global batch is a contiguous run of the epoch's permutation and host h
+        takes its h-th block, so the hosts' batches, concatenated in host order (as
+        `make_array_from_process_local_data` assembles them), are the one-host batch."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
         pad = (-len(perm)) % self.process_count
         if pad:
             perm = np.concatenate([perm, perm[:pad]])
-        shard = perm[self.process_index::self.process_count]
-        return shard[: self.steps_per_epoch * self.batch_size]
+        steps, b, hosts = self.steps_per_epoch, self.batch_size, self.process_count
+        return perm[: steps * b * hosts].reshape(steps, hosts, b)[:, host].reshape(-1)
+
+    # -- one padding length per global batch
+    def _captions(self) -> list[str]:
+        """Every item's caption as `_load` hands it to `_collate`."""
+        out = []
+        for rec in _records(self.source):
+            out.extend(text_lib.pre_caption(_str(c), self.max_words) for c in rec["captions"])
+        return out
+
+    def text_lengths(self, captions: Sequence[str]) -> np.ndarray:
+        """Token count of each caption as `_collate` encodes it (before padding)."""
+        return np.asarray([len(ids) for ids in text_lib.encode_pir(list(captions), self.tokenizer)])
+
+    def pad_lengths(self, epoch: int) -> np.ndarray:
+        """The text length of every step's batch, decided from the *global* batch: with
+        several hosts each host pads to the bucket of the longest caption any host has at that
+        step, so every process count gives the single-process batches (PIR's text encoder has
+        no mask, so padding changes embeddings, Q5) and `make_array_from_process_local_data`
+        sees one shape. One host: 0, i.e. pad to its own batch (the same thing)."""
+        if self.process_count == 1:
+            return np.zeros(self.steps_per_epoch, np.int64)
+        if self._text_lengths is None:
+            self._text_lengths = self.text_lengths(self._captions())
+        longest = np.zeros(self.steps_per_epoch, np.int64)
+        for host in range(self.process_count):
+            shard = self._host_items(epoch, host).reshape(self.steps_per_epoch, self.batch_size)
+            longest = np.maximum(longest, self._text_lengths[shard].max(axis=1))
+        return np.asarray([text_lib.padded_length(int(n), self.text_bucket) for n in longest])
 
     def _load(self, item: int, epoch: int) -> dict:
         rec_i, cap_i = (int(v) for v in self.items[item])
@@ -152,19 +187,30 @@ class TrainLoader:
         return {"image": self.transform(image, rng), "caption": caption, "idx": rec_i,
                 "label": int(self._labels[rec_i])}
 
+    def _bucket(self, examples: Sequence[dict]):
+        """The step's global length (see `pad_lengths`), or the loader's buckets on one host."""
+        pad_to = examples[0].get("pad_to", 0)
+        return (pad_to,) if pad_to else self.text_bucket
+
     def _collate(self, examples: Sequence[dict]) -> dict:
         ids = text_lib.encode_pir([e["caption"] for e in examples], self.tokenizer)
         return {
             "image": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
-            "input_ids": text_lib.pad_batch(ids, bucket=self.text_bucket, pad_id=self.pad_id),
+            "input_ids": text_lib.pad_batch(ids, bucket=self._bucket(examples), pad_id=self.pad_id),
             "idx": np.asarray([e["idx"] for e in examples], np.int32),
             "label": np.asarray([e["label"] for e in examples], np.int32),
         }
 
+    def _load_row(self, row, epoch: int) -> dict:
+        return {**self._load(int(row[0]), epoch), "pad_to": int(row[1])}
+
     def _start(self) -> None:
-        todo = self.epoch_items(self._epoch)[self._step * self.batch_size:]
+        start = self._step * self.batch_size
+        items = self.epoch_items(self._epoch)[start:]
+        pad_to = np.repeat(self.pad_lengths(self._epoch), self.batch_size)[start:]
+        todo = np.stack([items, pad_to], axis=1)
         ds = (grain.MapDataset.source(todo)
-              .map(functools.partial(self._load, epoch=self._epoch))
+              .map(functools.partial(self._load_row, epoch=self._epoch))
               .batch(self.batch_size, drop_remainder=True, batch_fn=self._collate))
         opts = _read_options(self.num_threads, self.prefetch_batches * self.batch_size)
         self._it = iter(ds.to_iter_dataset(opts))

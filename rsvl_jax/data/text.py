@@ -107,7 +107,8 @@ def encode_pir(captions: Sequence[str], tokenizer: Tokenizer, max_len: int | Non
     return [[cls_id] + enc.ids[:keep] for enc in encodings]
 
 
-def _padded_length(longest: int, bucket) -> int:
+def padded_length(longest: int, bucket) -> int:
+    """The padded length of a batch whose longest sequence has `longest` ids (see `pad_batch`)."""
     if bucket is None:
         return longest
     if isinstance(bucket, (int, np.integer)):
@@ -127,7 +128,7 @@ def pad_batch(id_lists: Sequence[Sequence[int]], bucket=None, pad_id: int = 0) -
     where reference numbers matter (evaluation always does, see ``eval_text_batches``).
     """
     longest = max((len(ids) for ids in id_lists), default=0)
-    out = np.full((len(id_lists), _padded_length(longest, bucket)), pad_id, np.int32)
+    out = np.full((len(id_lists), padded_length(longest, bucket)), pad_id, np.int32)
     for row, ids in enumerate(id_lists):
         out[row, :len(ids)] = ids
     return out

@@ -181,3 +181,18 @@ def test_ground_truth_rejects_repeated_ids():
     src[1] = dict(src[1], image_id=src[0]["image_id"])
     with pytest.raises(B.DatasetError, match=r"record 1 .* image id \d+ is also the id of record 0"):
         C.ground_truth(src)
+
+
+def test_two_hosts_pad_opt_ids_to_the_global_batch(opt_tok):
+    """Stages 2-3: the hosts' OPT ids share one padded length per step, and together are the
+    one-host batch (so any process count trains on the same batches)."""
+    src = synthetic.generate(24, "train", seed=3, image_size=32)
+    kw = dict(stage=2, image_size=32, seed=5, num_threads=1)
+    one = C.CaptionTrainLoader(src, opt_tok, batch_size=8, process_index=0, process_count=1, **kw)
+    hosts = [C.CaptionTrainLoader(src, opt_tok, batch_size=4, process_index=h, process_count=2, **kw)
+             for h in (0, 1)]
+    for _ in range(one.steps_per_epoch):
+        want, got = next(one), [next(h) for h in hosts]
+        assert got[0]["text_ids"].shape == got[1]["text_ids"].shape
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], err_msg=k)

@@ -170,3 +170,21 @@ def test_tfds_source(tmp_path, tok):
     assert P.eval_texts(val).num_images == 6
     assert sum(int(x["mask"].sum()) for x in P.EvalImages(
         val, batch_size=4, image_size=32, process_index=0, process_count=1)) == 6
+
+
+def test_two_hosts_together_give_the_one_host_batches(source, tok):
+    """Each host pads to the length of the *global* batch and takes one block of it, so the
+    hosts' batches concatenated in host order equal the one-host batch of twice the size."""
+    one = _loader(source, tok, batch_size=8, text_bucket=(8, 12, 16, 24, 32))
+    hosts = [_loader(source, tok, batch_size=4, process_index=h, process_count=2, text_bucket=(8, 12, 16, 24, 32))
+             for h in (0, 1)]
+    assert one.steps_per_epoch == hosts[0].steps_per_epoch
+    lengths = set()
+    for _ in range(one.steps_per_epoch + 2):  # into the second epoch
+        want = next(one)
+        got = [next(h) for h in hosts]
+        assert got[0]["input_ids"].shape == got[1]["input_ids"].shape  # one shape for all hosts
+        joined = {k: np.concatenate([g[k] for g in got]) for k in want}
+        assert _same(joined, want)
+        lengths.add(want["input_ids"].shape[1])
+    assert len(lengths) > 1  # the check covered steps whose hosts' own longest captions differ
