@@ -23,6 +23,8 @@ setup(
         "pycocoevalcap",
         "tensorboardX",
         "tqdm",
+        "tifffile",  # TIFF / GeoTIFF bands of your own images (rsvl_jax.data.images)
+        "matplotlib",  # recall curves and VIR heatmaps in evaluation reports
     ],
     extras_require={
         # torch only reads PyTorch checkpoints; pin the CPU build that lies on the CI disk.
