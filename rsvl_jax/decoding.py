@@ -89,6 +89,11 @@ class GenerationOutput:
     tokens: jax.Array  # (B, max_new_tokens) int32, the eos that ended a sequence included, then pads
     scores: jax.Array  # (B,) beam: HF's sequence score; greedy/sample: summed log-probs of the chosen tokens
     lengths: jax.Array  # (B,) generated tokens including the final eos
+    # Beam search only: every kept hypothesis, best first (HF's num_return_sequences=num_beams);
+    # row 0 is (tokens, scores, lengths) above. None for greedy and sampling.
+    beam_tokens: jax.Array | None = None  # (B, num_beams, max_new_tokens)
+    beam_scores: jax.Array | None = None  # (B, num_beams)
+    beam_lengths: jax.Array | None = None  # (B, num_beams)
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,7 +292,8 @@ def _beam_search(model, logits, cache, cfg: GenerationConfig):
         active=jnp.ones((b,), bool),
     )
     s = jax.lax.while_loop(lambda s: ~s["stop"], body, select(s, jnp.repeat(logits, k, axis=0)))
-    return GenerationOutput(s["fin_seqs"][:, 0], s["fin_scores"][:, 0], s["fin_lens"][:, 0])
+    return GenerationOutput(s["fin_seqs"][:, 0], s["fin_scores"][:, 0], s["fin_lens"][:, 0],
+                            s["fin_seqs"], s["fin_scores"], s["fin_lens"])
 
 
 def _merge(old, new, k):

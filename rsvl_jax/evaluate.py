@@ -3,7 +3,8 @@
 PATH is a training run's `workdir` (its best checkpoint by the task's first best metric, or
 `--step N`), a parameter checkpoint written by `python -m rsvl_jax.convert`, or a released
 PyTorch file that the task converts on the fly. Prints the task's metric table as two lines
-(header, values) at the end of the output.
+(header, values) at the end of the output; `--report DIR` also writes an HTML report of the
+same pass (`DIR/index.html`, pictures beside it).
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
                         help="a run directory, a converted checkpoint directory, or a PyTorch file")
     parser.add_argument("--step", type=int, default=None, help="a step of the run (default: its best)")
     parser.add_argument("--split", default="test", help="the split to evaluate (default: test)")
+    parser.add_argument("--report", metavar="DIR", default=None,
+                        help="also write an HTML report of the same pass to DIR/index.html (retrieval: "
+                             "recall@K curves, sampled queries with their top-5, VIR heatmaps; captioning: "
+                             "every image with its caption, references and CIDEr, worst first)")
     if "-h" in argv or "--help" in argv:
         print_help(parser, argv)
         return 0
@@ -44,7 +49,12 @@ def main(argv=None) -> int:
     with jax.set_mesh(parallel.make_mesh(config.mesh)):
         data = task.open_data()
         model = tasks.load_model(task, config, args.checkpoint, args.step)
-        metrics = task.evaluate(model, data, args.split, args.step or 0)
+        if args.report:
+            if task.report is None:
+                raise ConfigError(f"the {task.name} task of this config writes no report")
+            metrics = task.report(model, data, args.split, args.step or 0, args.report)
+        else:
+            metrics = task.evaluate(model, data, args.split, args.step or 0)
     print(format_table([k for k in task.metric_keys if k in metrics], metrics, task.metric_format))
     return 0
 

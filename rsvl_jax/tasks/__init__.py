@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import optax
@@ -65,6 +65,19 @@ class Task:
     load_frozen: Callable[[nnx.Module], list[str]] = _nothing  # every start, resumes included
     load_pytorch: Callable[[nnx.Module, str], str] | None = None  # evaluate: a released .pth
     export_pytorch: Callable[[nnx.Module, str], str] | None = None  # the reference's .pth layout
+    # -- your own images: python -m rsvl_jax.caption / search, evaluate --report -----------
+    # uint8 (H, W, 3) -> the model's float32 input, exactly as evaluation preprocesses a split
+    eval_transform: Callable[[Any], Any] | None = None
+    # retrieval: (model, inputs (B, S, S, 3)) -> (B, D) and (model, texts) -> (N, D) float32
+    # numpy embeddings, L2-normalised, so a dot product is the model's similarity
+    embed_images: Callable[[nnx.Module, Any], Any] | None = None
+    embed_texts: Callable[[nnx.Module, Sequence[str]], Any] | None = None
+    # captioning: (model, inputs (B, S, S, 3), alternatives) -> per image [(caption, score)],
+    # best first: the caption evaluation would give, then up to `alternatives` more beams
+    caption_images: Callable[[nnx.Module, Any, int], list[list[tuple[str, float]]]] | None = None
+    # (model, data, split, step, out_dir) -> the metrics `evaluate` gives, and an HTML report
+    # (out_dir/index.html) of the same pass
+    report: Callable[[nnx.Module, Any, str, int, str], Metrics] | None = None
 
     def format_metrics(self, metrics: Metrics) -> str:
         """`val_r_mean 12.30  test_r_mean 11.00` for the keys of the table, in order."""

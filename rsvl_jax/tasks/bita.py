@@ -23,7 +23,7 @@ from rsvl_jax.convert import from_pytorch
 from rsvl_jax.convert import opt as opt_convert
 from rsvl_jax.eval import captioning
 from rsvl_jax.models import bita as bita_lib
-from rsvl_jax.parallel import all_hosts
+from rsvl_jax.parallel import all_hosts, eval_batch, main_process_first, replicated
 from rsvl_jax.tasks import Task
 
 STAGES = {"1": 1, "2": 2, "caption": 3}
@@ -313,7 +313,7 @@ def caption_split(model, source, tokenizer, config, gen) -> list[dict]:
     prompt_ids, _ = bita_text.encode_opt(tokenizer, [model.config.prompt], max_len=model.config.max_txt_len)
     rows, seen = [], set()
     for batch in loader:
-        out = model.generate_ids(jnp.asarray(batch["image"]), prompt_ids[0], config=gen)
+        out = model.generate_ids(eval_batch(batch["image"]), replicated(prompt_ids[0]), config=gen)
         tokens, lengths = all_hosts(out.tokens), all_hosts(out.lengths)
         index = all_hosts(batch["index"])
         for i, caption in zip(index, bita_text.decode_captions(tokenizer, tokens, lengths)):
@@ -328,6 +328,11 @@ def caption_split(model, source, tokenizer, config, gen) -> list[dict]:
 
 
 def evaluate(model, data: CaptionData, split: str, step: int, *, config, tokenizer, gen) -> dict:
+    return _evaluate(model, data, split, step, config=config, tokenizer=tokenizer, gen=gen)[0]
+
+
+def _evaluate(model, data: CaptionData, split: str, step: int, *, config, tokenizer, gen):
+    """(metrics, caption rows, CaptionScores, references) of one split; writes the captions."""
     from rsvl_jax.data import caption_pipeline
 
     if split not in data.splits:
@@ -350,7 +355,46 @@ def evaluate(model, data: CaptionData, split: str, step: int, *, config, tokeniz
         if data.most_common_caption is not None:
             print(f"  baseline: always {data.most_common_caption!r}: CIDEr {metrics['baseline_CIDEr']:.3f} "
                   f"vs ours {metrics['CIDEr']:.3f}", flush=True)
+    return metrics, rows, scores, gts
+
+
+def report(model, data: CaptionData, split: str, step: int, out_dir: str, *, config, tokenizer, gen) -> dict:
+    """`evaluate`'s metrics of one pass, and its HTML report in `out_dir` (eval.report): every
+    image with its caption, references and CIDEr, worst first."""
+    from rsvl_jax.data.builders.common import decode_image
+    from rsvl_jax.eval import report as report_lib
+
+    metrics, rows, scores, gts = _evaluate(model, data, split, step, config=config, tokenizer=tokenizer, gen=gen)
+    if jax.process_index() == 0:
+        source = data.splits[split]
+        where = {int(rec["image_id"]): i for i, rec in enumerate(source)}
+        page = report_lib.caption_report(
+            out_dir, metrics, rows, gts, scores.per_image,
+            lambda row: decode_image(source[where[int(row["image_id"])]]["image"]),
+            metric_keys=[k for k in METRIC_KEYS if k in metrics], notes=scores.notes,
+            title=f"BITA captions: {config.data.name} {split} (step {step})")
+        print(f"report: {page}", flush=True)
     return metrics
+
+
+def caption_images(model, images, alternatives: int, *, tokenizer, gen) -> list[list[tuple[str, float]]]:
+    """Captions of preprocessed images (B, S, S, 3) by evaluation's beam search: per image
+    [(caption, sequence score)], the one evaluation gives first, then up to `alternatives`
+    other finished beams (best first; HF's `num_return_sequences`)."""
+    from rsvl_jax.data import bita_text
+
+    prompt_ids, _ = bita_text.encode_opt(tokenizer, [model.config.prompt], max_len=model.config.max_txt_len)
+    out = model.generate_ids(jnp.asarray(images, jnp.float32), prompt_ids[0], config=gen)
+    best = bita_text.decode_captions(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))
+    result = [[(c, float(sc))] for c, sc in zip(best, np.asarray(out.scores))]
+    if alternatives > 0 and out.beam_tokens is not None:
+        tokens, beam_scores, lengths = (np.asarray(x) for x in (out.beam_tokens, out.beam_scores, out.beam_lengths))
+        for i, row in enumerate(result):
+            for j in range(1, min(tokens.shape[1], alternatives + 1)):
+                if np.isfinite(beam_scores[i, j]) and beam_scores[i, j] > decoding.NEG / 2:  # a kept hypothesis
+                    text = bita_text.decode_captions(tokenizer, tokens[i, j:j + 1], lengths[i, j:j + 1])[0]
+                    row.append((text, float(beam_scores[i, j])))
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,6 +437,7 @@ def make(config) -> Task:
     trainable = trainable_filter(bcfg)
     evaluating = stage == 3
     gen = generation_config(config, bcfg, tokenizer) if stage > 1 else None
+    from rsvl_jax.data import transforms
     return Task(
         name="bita",
         make_model=lambda: model_cls(bcfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)),
@@ -400,7 +445,7 @@ def make(config) -> Task:
         saved=trainable,
         load_pretrained=lambda model: load_pretrained(model, config, bcfg, stage),
         load_frozen=lambda model: load_frozen(model, config, bcfg),
-        open_data=lambda: open_data(config, stage),
+        open_data=lambda: main_process_first(lambda: open_data(config, stage)),
         train_loader=lambda data, batch: train_loader(config, bcfg, stage, tokenizer, data, batch),
         optimizer=lambda params, steps, _: make_optimizer(config, bcfg, stage, params, steps),
         loss=make_loss(stage, prompt_length),
@@ -413,4 +458,9 @@ def make(config) -> Task:
         metric_format="8.4f",
         load_pytorch=load_pytorch if stage > 1 else None,
         export_pytorch=export_pytorch,
+        eval_transform=transforms.bita_image_eval(config.data.image_size),
+        caption_images=(lambda model, images, alternatives: caption_images(
+            model, images, alternatives, tokenizer=tokenizer, gen=gen)) if stage > 1 else None,
+        report=(lambda model, data, split, step, out_dir: report(
+            model, data, split, step, out_dir, config=config, tokenizer=tokenizer, gen=gen)) if stage == 3 else None,
     )

@@ -16,7 +16,7 @@ from rsvl_jax.convert import from_pytorch
 from rsvl_jax.convert import pir as pir_convert
 from rsvl_jax.eval.retrieval import itm_metrics
 from rsvl_jax.models import pir as pir_lib
-from rsvl_jax.parallel import all_hosts
+from rsvl_jax.parallel import all_hosts, eval_batch, fetch_replicated, main_process_first, replicated
 from rsvl_jax.tasks import Task
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -187,7 +187,7 @@ def embed_images(model, source, config) -> np.ndarray:
                                  image_size=config.data.image_size)
     embs, index = [], []
     for batch in loader:
-        embs.append(all_hosts(_image_embeddings(graphdef, state, jnp.asarray(batch["image"]))))
+        embs.append(all_hosts(_image_embeddings(graphdef, state, eval_batch(batch["image"]))))
         index.append(all_hosts(batch["index"]))
     embs, index = np.concatenate(embs), np.concatenate(index)
     keep = index >= 0
@@ -203,11 +203,11 @@ def embed_texts(model, captions, tokenizer, config) -> np.ndarray:
     graphdef, state = nnx.split(model)
     chunks = text_lib.eval_text_batches(captions, tokenizer, chunk=config.data.eval_text_chunk,
                                         max_len=config.data.max_tokens)
-    return np.concatenate([np.asarray(_text_embeddings(graphdef, state, jnp.asarray(ids))) for ids in chunks])
+    return np.concatenate([fetch_replicated(_text_embeddings(graphdef, state, replicated(ids))) for ids in chunks])
 
 
-def retrieval(model, data: RetrievalData, split: str, config) -> dict:
-    """R@1/5/10 both ways and mR on one split, with the reference's ranking rules (PIR.md §5)."""
+def _similarities(model, data: RetrievalData, split: str, config):
+    """(source, eval texts, image-text similarities (N_img, N_txt)) of one split."""
     from rsvl_jax.data import pipeline
 
     if split not in data.splits:
@@ -216,7 +216,81 @@ def retrieval(model, data: RetrievalData, split: str, config) -> dict:
     texts = pipeline.eval_texts(source, max_words=config.data.max_words)
     img = embed_images(model, source, config)
     txt = embed_texts(model, texts.captions, data.tokenizer, config)
-    return itm_metrics(img @ txt.T, texts.img2txt, texts.txt2img)
+    return source, texts, img @ txt.T
+
+
+def retrieval(model, data: RetrievalData, split: str, config) -> dict:
+    """R@1/5/10 both ways and mR on one split, with the reference's ranking rules (PIR.md §5)."""
+    _, texts, sims = _similarities(model, data, split, config)
+    return itm_metrics(sims, texts.img2txt, texts.txt2img)
+
+
+# ---------------------------------------------------------------------------------------
+# Your own images (search) and the evaluation report
+# ---------------------------------------------------------------------------------------
+def embed_image_batch(model, images) -> np.ndarray:
+    """Embeddings (B, D) of preprocessed images (B, S, S, 3) (the eval transform's output)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_image_embeddings(graphdef, state, jnp.asarray(images, jnp.float32)))
+
+
+def embed_text_list(model, texts, config, tokenizer) -> np.ndarray:
+    """Embeddings (N, D) of free texts, normalised and chunked exactly as eval captions."""
+    from rsvl_jax.data import text as text_lib
+    from rsvl_jax.errors import UserError
+
+    normalised = []
+    for t in texts:
+        try:
+            normalised.append(text_lib.pre_caption(str(t), config.data.max_words))
+        except ValueError as e:
+            raise UserError(f"text query {t!r}: {e}") from None
+    return embed_texts(model, normalised, tokenizer, config)
+
+
+@partial(jax.jit, static_argnums=0)
+def _image_belief(graphdef, state, images):
+    _, inter = nnx.merge(graphdef, state).encode_image(images)
+    return inter["belief_scores"], inter["vision_tokens"][..., 0]
+
+
+def vir_heatmaps(model, images) -> list[np.ndarray] | None:
+    """VIR's belief scores of each image (B, S, S, 3) drawn on the Swin grid, (g, g) per image,
+    from `encode_image`'s own intermediates (`eval.report.vir_heatmap`); None for a baseline."""
+    from rsvl_jax.eval import report as report_lib
+
+    if model.config.is_baseline:
+        return None
+    graphdef, state = nnx.split(model)
+    scores, tokens = _image_belief(graphdef, state, jnp.asarray(images, jnp.float32))
+    n = tokens.shape[1]
+    return [report_lib.vir_heatmap(row, n) for row in np.asarray(scores)]
+
+
+def report(model, data: RetrievalData, split: str, step: int, out_dir: str, config) -> dict:
+    """`retrieval`'s metrics of one pass, and its HTML report in `out_dir` (eval.report)."""
+    from rsvl_jax.data.builders.common import decode_image
+    from rsvl_jax.data.transforms import EvalTransform
+    from rsvl_jax.eval import report as report_lib
+
+    source, texts, sims = _similarities(model, data, split, config)
+    metrics = itm_metrics(sims, texts.img2txt, texts.txt2img)
+    load = lambda i: decode_image(source[int(i)]["image"])  # noqa: E731
+    # The sampled image queries' heatmaps, computed on every host (the model may span hosts).
+    sample = report_lib.sample_queries(sims.shape[0], report_lib.REPORT_SAMPLE, report_lib.IMAGE_SEED)
+    transform = EvalTransform(size=config.data.image_size)
+    maps = {}
+    for start in range(0, len(sample), 8):
+        idx = [int(i) for i in sample[start:start + 8]]
+        got = vir_heatmaps(model, np.stack([transform(load(i)) for i in idx]))
+        maps.update(zip(idx, got or ()))
+    if jax.process_index() == 0:
+        names = [str(r["filename"].decode() if isinstance(r["filename"], bytes) else r["filename"]) for r in source]
+        page = report_lib.retrieval_report(
+            out_dir, metrics, sims, texts.img2txt, texts.txt2img, texts.captions, load, image_names=names,
+            heatmaps=maps, metric_keys=METRIC_KEYS, title=f"PIR retrieval: {config.data.name} {split} (step {step})")
+        print(f"report: {page}", flush=True)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,7 +329,7 @@ def make(config) -> Task:
         return pir_lib.PIR(mcfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
 
     def open_checked():
-        data = open_data(config)
+        data = main_process_first(lambda: open_data(config))
         if mcfg.bert is not None and data.tokenizer.get_vocab_size() > mcfg.bert.vocab_size:
             raise ConfigError(
                 f"the vocabulary {config.data.vocab} has {data.tokenizer.get_vocab_size()} tokens but "
@@ -263,6 +337,19 @@ def make(config) -> Task:
         return data
 
     splits = tuple(config.eval_splits)
+    tokenizer = []  # loaded on first use (search queries), not when training
+
+    def text_embeddings(model, texts):
+        if not tokenizer:
+            from rsvl_jax.data import text as text_lib
+
+            if not config.data.vocab:
+                raise ConfigError("set --config.data.vocab to the BERT vocabulary the model was trained with")
+            tokenizer.append(text_lib.load_bert_tokenizer(repo_path(config.data.vocab)))
+        return embed_text_list(model, texts, config, tokenizer[0])
+
+    from rsvl_jax.data.transforms import EvalTransform
+
     return Task(
         name="pir",
         make_model=make_model,
@@ -278,4 +365,8 @@ def make(config) -> Task:
         best_metrics=tuple(f"{s}_r_mean" for s in splits),
         metric_keys=METRIC_KEYS,
         load_pytorch=load_pytorch,
+        eval_transform=EvalTransform(size=config.data.image_size),
+        embed_images=embed_image_batch,
+        embed_texts=text_embeddings,
+        report=lambda model, data, split, step, out_dir: report(model, data, split, step, out_dir, config),
     )
