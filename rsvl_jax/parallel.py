@@ -242,12 +242,21 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
     if address and num > 1:
         if "JAX_PROCESS_ID" not in os.environ:
             raise RuntimeError("JAX_NUM_PROCESSES > 1 but JAX_PROCESS_ID is not set")
+        _cpu_collectives()
         jax.distributed.initialize(address, num, int(os.environ["JAX_PROCESS_ID"]))
         return True
     if force:
+        _cpu_collectives()
         jax.distributed.initialize()
         return True
     return False
+
+
+def _cpu_collectives() -> None:
+    """Processes on CPU talk through gloo (JAX's CPU collectives), e.g. local test runs."""
+    platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+    if "cpu" in platforms:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def init_sharded(make: Callable[[], nnx.Module], mesh, rules: Rules | None = None) -> nnx.Module:
@@ -261,9 +270,54 @@ def init_sharded(make: Callable[[], nnx.Module], mesh, rules: Rules | None = Non
 
 
 def all_hosts(x) -> np.ndarray:
-    """Every host's rows of `x`, concatenated in host order (one host: `x` as numpy)."""
+    """Every host's rows of `x`, concatenated in host order, as numpy on every host.
+
+    `x` is host-local data (numpy, or an array on this host's devices), or a global array
+    sharded over the batch axes (the output of an evaluation step fed by `eval_batch`)."""
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
 
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def eval_batch(x, mesh=None):
+    """An evaluation input: on one host a plain device array (any batch size works); with
+    several hosts each host's rows become its part of one global array over the batch axes,
+    because a jitted function cannot mix host-local inputs with globally sharded parameters."""
+    if jax.process_count() == 1:
+        return jax.numpy.asarray(x)
+    return host_local_to_global(x, mesh or jax.sharding.get_mesh())
+
+
+def replicated(x, mesh=None):
+    """The same value on every host (e.g. a text batch each host embeds whole), as an input
+    of a jitted function; read results with `fetch_replicated`."""
+    if jax.process_count() == 1:
+        return jax.numpy.asarray(x)
+    mesh = mesh or jax.sharding.get_mesh()
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(x))
+
+
+def fetch_replicated(x) -> np.ndarray:
+    """numpy of an output that every host holds whole (one host: the array itself)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
+
+
+def main_process_first(fn: Callable[[], Any]) -> Any:
+    """Runs `fn` on process 0 first and on the others after it (e.g. building a dataset into
+    a shared cache, which several writers would race on)."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        out = fn()
+        multihost_utils.sync_global_devices("rsvl_jax_main_first")
+        return out
+    multihost_utils.sync_global_devices("rsvl_jax_main_first")
+    return fn()

@@ -247,15 +247,19 @@ class TrainLoader:
         rounded down to a whole step -- close to, but not exactly, the uninterrupted run.
         """
         mine = self.get_state()
-        keys = ["version", "seed", "num_items"]
-        if strict:
-            keys += ["batch_size", "process_index", "process_count"]
-        for key in keys:
+        for key in ["version", "seed", "num_items"]:
             if state.get(key) != mine[key]:
-                hint = "" if not strict or key in ("version", "seed", "num_items") else \
-                    " (set_state(..., strict=False) resumes approximately)"
                 raise ValueError(f"iterator state has {key}={state.get(key)!r} but this loader "
-                                 f"has {mine[key]!r}; the batches would differ{hint}")
+                                 f"has {mine[key]!r}; the batches would differ")
+        # The global batches depend only on the global batch size (see `_host_items`), so a
+        # state resumes exactly on another host count with the same global batch.
+        theirs = int(state["batch_size"]) * int(state["process_count"])
+        if strict and theirs != self.batch_size * self.process_count:
+            raise ValueError(
+                f"iterator state has batch_size={state['batch_size']} x process_count="
+                f"{state['process_count']} (global {theirs}) but this loader has batch_size="
+                f"{self.batch_size} x process_count={self.process_count}; the batches would differ "
+                "(set_state(..., strict=False) resumes approximately)")
         epoch, step = int(state["epoch"]), int(state["step"])
         if not strict:
             consumed = step * int(state["batch_size"]) * int(state["process_count"])

@@ -62,6 +62,9 @@ class QFormerConfig:
     # Fix for quirk Q2 (off = mirror BITA): zero padded text positions before the Fourier
     # mixing so pad tokens do not leak into the features (the padded length still matters).
     fourier_mask_padding: bool = False
+    # Recompute each layer's activations in the backward pass instead of keeping them
+    # (jax.checkpoint per layer): less memory, about one more forward of compute.
+    remat: bool = False
     dtype: Any = "float32"  # compute dtype; parameters, FFT, softmax and LayerNorms stay float32
 
     def __post_init__(self):
@@ -237,10 +240,15 @@ class QFormer(nnx.Module):
             self_mask = m[:, None, None, :] if m.ndim == 2 else (m[:, None] if m.ndim == 3 else m)
         if image_mask is not None:
             image_mask = jnp.asarray(image_mask, bool)[:, None, None, :]
+        def run(layer, h, image_embeds, self_mask, image_mask):
+            return layer(h, query_length=query_length, image_embeds=image_embeds, self_mask=self_mask,
+                         image_mask=image_mask, deterministic=deterministic)
+
+        if cfg.remat:
+            run = nnx.remat(run)
         hidden = []
         for layer in self.layers:
-            h = layer(h, query_length=query_length, image_embeds=image_embeds, self_mask=self_mask,
-                      image_mask=image_mask, deterministic=deterministic)
+            h = run(layer, h, image_embeds, self_mask, image_mask)
             hidden.append(h)
         return h, {"embeddings": emb, "hidden_states": hidden}
 

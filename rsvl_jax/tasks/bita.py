@@ -40,7 +40,7 @@ def model_config(config) -> bita_lib.BITAConfig:
     m, rep = config.model, dataclasses.replace
     cfg = bita_lib.PRESETS[m.preset]
     vit = rep(cfg.vit, **dict(m.vit_overrides))
-    qformer = rep(cfg.qformer, num_query_tokens=m.num_query_tokens,
+    qformer = rep(cfg.qformer, num_query_tokens=m.num_query_tokens, remat=m.remat,
                   fourier_mask_padding=m.fourier_mask_padding, **dict(m.qformer_overrides))
     opt = cfg.opt
     if opt is not None:
@@ -410,8 +410,6 @@ def check_config(config) -> None:
     check_paths(config, "data.manual_dir", "data.data_dir", "data.bert_tokenizer", "data.opt_tokenizer",
                 "model.vit_weights", "model.opt_dir", "model.bert_dir", "model.init_checkpoint",
                 "model.blip2_checkpoint")
-    if config.model.remat:
-        raise ConfigError("config key 'model.remat': rematerialisation is not available yet; set it to False")
     preset = bita_lib.PRESETS[config.model.preset]
     if (config.stage == "1") != (preset.opt is None):
         raise ConfigError(f"config key 'model.preset' is {config.model.preset!r}, which is not a "

@@ -1,0 +1,97 @@
+"""Two local processes (gloo CPU collectives over 127.0.0.1), 2 CPU devices each, train the PIR
+demo exactly as one process with 4 devices does: same losses, parameters and evaluation; a
+checkpoint written by two processes restores in one, and one written by one resumes in two."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from .test_pir_train import REPO, _final_params, tiny_config, tiny_overrides
+
+SMALL = ("--config.data.synthetic_train_images=10", "--config.checkpoint_every_steps=0")  # 3 steps an epoch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(tmp_path, name, *extra):
+    return [sys.executable, "-m", "rsvl_jax.train", f"--config={REPO}/configs/pir.py:demo",
+            *tiny_overrides(tmp_path, name, *SMALL, *extra)]
+
+
+def _env(devices, **extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(extra)
+    return env
+
+
+def _run_processes(tmp_path, name, n, *extra, timeout=600):
+    """Starts `n` processes of one run, waits for all, kills them all on failure or timeout."""
+    port = _free_port()
+    logs = [open(tmp_path / f"{name}.{i}.log", "w") for i in range(n)]
+    procs = [subprocess.Popen(_command(tmp_path, name, *extra), cwd=REPO, stdout=logs[i], stderr=subprocess.STDOUT,
+                              env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
+                                       JAX_PROCESS_ID=str(i)))
+             for i in range(n)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    text = "\n".join((tmp_path / f"{name}.{i}.log").read_text()[-3000:] for i in range(n))
+    assert codes == [0] * n, text
+    return text
+
+
+def _records(workdir):
+    return {r["step"]: r for r in map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def _assert_same_run(a, b):
+    pa, da, sa = _final_params(a)
+    pb, db, sb = _final_params(b)
+    assert sa == sb
+    for (k, x), (_, y) in zip(pa.flat_state(), pb.flat_state()):
+        np.testing.assert_allclose(x[...], y[...], atol=2e-5, err_msg=str(k))
+    ra, rb = _records(a.workdir), _records(b.workdir)
+    assert sorted(ra) == sorted(rb)
+    for step, rec in ra.items():
+        for key in ("loss", "loss_contr", "loss_affil", "val_r_mean", "test_r_mean", "val_txt_r1"):
+            if key in rec:
+                np.testing.assert_allclose(rec[key], rb[step][key], rtol=1e-4, atol=1e-4, err_msg=f"{key} {step}")
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_like_one(tmp_path):
+    one = subprocess.run(_command(tmp_path, "one", "--config.max_steps=3"), cwd=REPO, env=_env(4),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    _run_processes(tmp_path, "two", 2, "--config.max_steps=3")
+    a = tiny_config(tmp_path, "one", *SMALL, "--config.max_steps=3")
+    b = tiny_config(tmp_path, "two", *SMALL, "--config.max_steps=3")
+    assert "val_r_mean" in _records(a.workdir)[3]  # the epoch ended: both evaluated
+    _assert_same_run(a, b)  # the two-process checkpoint restores here, in one process
+
+    # One process's checkpoint resumes in two processes, and goes on as one process would.
+    (tmp_path / "cont_two").mkdir()
+    subprocess.run(["cp", "-r", str(tmp_path / "one" / "checkpoints"), str(tmp_path / "cont_two")], check=True)
+    subprocess.run(["cp", str(tmp_path / "one" / "metrics.jsonl"), str(tmp_path / "cont_two")], check=True)
+    log = _run_processes(tmp_path, "cont_two", 2, "--config.max_steps=6")
+    assert "resumed from step 3" in log
+    cont = subprocess.run(_command(tmp_path, "one", "--config.max_steps=6"), cwd=REPO, env=_env(4),
+                          capture_output=True, text=True, timeout=600)
+    assert cont.returncode == 0, cont.stdout[-3000:] + cont.stderr[-3000:]
+    _assert_same_run(tiny_config(tmp_path, "one", *SMALL, "--config.max_steps=6"),
+                     tiny_config(tmp_path, "cont_two", *SMALL, "--config.max_steps=6"))
