@@ -231,9 +231,10 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
     """Starts `jax.distributed` only for multi-process runs; returns whether it did.
 
     Multi-process means `JAX_COORDINATOR_ADDRESS` is set and `JAX_NUM_PROCESSES` > 1 (with
-    `JAX_PROCESS_ID` for this process), as our local multi-process tests and launch scripts
-    set them. `force=True` calls `jax.distributed.initialize()` with JAX's cluster
-    auto-detection (TPU pods, SLURM, ...). Must run before anything touches a device.
+    `JAX_PROCESS_ID` for this process), as our local multi-process tests and hand-made launches
+    set them; or a SLURM job step with several tasks; or a TPU pod (several workers). The
+    latter two, and `force=True`, use `jax.distributed.initialize()`'s cluster auto-detection.
+    Must run before anything touches a device.
     """
     if jax.distributed.is_initialized():
         return False
@@ -245,7 +246,11 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
         _cpu_collectives()
         jax.distributed.initialize(address, num, int(os.environ["JAX_PROCESS_ID"]))
         return True
-    if force:
+    # JAX's own cluster detection for the launchers our users have: SLURM (`srun`, one task
+    # per host or per GPU) and TPU pods (the same command on every worker).
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if force or slurm or tpu_pod:
         _cpu_collectives()
         jax.distributed.initialize()
         return True
