@@ -1,13 +1,20 @@
-"""Benchmarks: `python tools/bench.py encoders|pir|generate [--dtype bfloat16] [--quick]`.
+"""Benchmarks: `python tools/bench.py encoders|pir|bita|generate [--dtype bfloat16] [--quick]`.
 
 encoders  forward throughput of Swin-T, BERT-base (47 tokens), ResNet-50 and BITA's 21-block
           CLIP ViT-L/14 at real size, ours (jitted) vs the `transformers` PyTorch models on the
           same (random) weights and the same thread count.
-pir       PIR train-step and eval images/s for the paper configuration, with MFU: XLA's FLOP
-          count of the compiled step / (step time x a measured matmul peak).
+pir       PIR train-step and eval images/s for the paper configuration (configs/pir.py, rsitmd,
+          captions of --text-len BERT ids), with MFU: XLA's FLOP count of the compiled step /
+          (step time x a measured matmul peak). The step is the trainer's own (the task's model,
+          optimiser and loss through `train.make_train_step`).
+bita      BITA stage-2 training images/s (configs/bita.py:stage=2: ViT-L/14 21 blocks + the full
+          IFT, with an OPT-125m-shaped frozen decoder), the trainer's step vs a PyTorch stand-in
+          built from HF modules at the same shapes (Blip2QFormerModel mixes tokens by
+          self-attention, not BITA's Fourier mixing), MFU of both from our step's FLOP count.
 generate  5-beam captioning throughput vs HF generate (tools/bench_generate.py).
 
-Timings exclude compilation (one warm-up call); each number is the median of the repeats.
+--quick runs tiny presets, only to check that the tool itself works. Timings exclude
+compilation (one warm-up call); each number is the median of the repeats.
 """
 from __future__ import annotations
 
@@ -146,76 +153,271 @@ def bench_encoders(repeats: int, quick: bool):
 
 
 # ---------------------------------------------------------------------------------------
+# The trainer's step, built as train.py builds it
+# ---------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(spec: str, overrides=()):
+    from rsvl_jax.config import load_config
+
+    return load_config(f"{ROOT}/{spec}", list(overrides))
+
+
+class TrainerStep:
+    """The task's model, optimiser and `train.make_train_step`, jitted with the trainer's
+    donation and compiled for `batch`: what one step of `python -m rsvl_jax.train` runs, here
+    on one device (the config's mesh axes, all of size 1)."""
+
+    def __init__(self, config, task, batch: dict, steps_per_epoch: int, num_items: int):
+        from rsvl_jax import parallel, train
+
+        self.mesh = parallel.make_mesh(config.mesh, devices=jax.local_devices()[:1])
+        self.rules = tuple(tuple(r) for r in config.sharding_rules)
+        with jax.set_mesh(self.mesh), parallel.axis_rules(self.rules):
+            model = parallel.init_sharded(task.make_model, self.mesh, self.rules)
+            task.load_frozen(model)  # no weight paths here: only the frozen_dtype cast, if any
+            self.graphdef, trainable, self.frozen, mutable, self.rest = train.split_model(model, task)
+            tx, _ = task.optimizer(trainable, steps_per_epoch, num_items)
+            opt_shardings = parallel.shardings_for_tree(jax.eval_shape(tx.init, trainable), self.mesh, self.rules)
+            opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+            self.batch = parallel.host_local_to_global(batch, self.mesh)
+            step_fn = jax.jit(train.make_train_step(self.graphdef, task, tx, config.seed), donate_argnums=(0, 2, 4))
+            self.compiled = step_fn.lower(trainable, self.frozen, mutable, self.rest, opt_state, self.batch,
+                                          jnp.int32(0)).compile()
+        self.state = [trainable, mutable, opt_state]
+        self.flops = _flops(self.compiled)
+
+    def __call__(self):
+        trainable, mutable, opt_state = self.state
+        trainable, mutable, opt_state, metrics = self.compiled(
+            trainable, self.frozen, mutable, self.rest, opt_state, self.batch, jnp.int32(0))
+        self.state = [trainable, mutable, opt_state]
+        return metrics["loss"]
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.state[0], self.frozen, self.state[1], self.rest)
+
+
+# ---------------------------------------------------------------------------------------
 # PIR
 # ---------------------------------------------------------------------------------------
-def bench_pir(repeats: int, batch: int, dtype: str, quick: bool):
-    from rsvl_jax import parallel
-    from rsvl_jax.config import load_config
-    from rsvl_jax.train import build_model, make_optimizer, make_train_step, model_config
+def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int = 24):
+    """PIR's training step through its task (configs/pir.py:dataset=rsitmd at `batch`)."""
+    from rsvl_jax import tasks
+    from rsvl_jax.models import pir as pir_lib
+    from rsvl_jax.tasks import pir as pir_task
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = load_config(f"{root}/configs/pir.py:dataset=rsitmd", [f"--config.batch_size={batch}",
-                                                                    f"--config.reference_device_batch={batch}"])
+    overrides = [f"--config.batch_size={batch}", f"--config.reference_device_batch={batch}"]
     if quick:
-        config.unlock()
-        config.model.preset = "pir_demo"
-        config.data.image_size = 64
-    mcfg = model_config(config)
-    if dtype != "float32":
-        dt = jnp.dtype(dtype)
-        mcfg = dataclasses.replace(mcfg, dtype=dt, swin=dataclasses.replace(mcfg.swin, dtype=dt),
-                                   bert=dataclasses.replace(mcfg.bert, dtype=dt),
-                                   resnet=dataclasses.replace(mcfg.resnet, dtype=dt))
-    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        overrides += ["--config.model.preset=pir_test", "--config.data.image_size=32"]
+    config = _config("configs/pir.py:dataset=rsitmd", overrides)
+    task = tasks.get(config)
+    if dtype != "float32":  # configs/pir.py has no compute-dtype switch: the same task, another model
+        dt, rep = jnp.dtype(dtype), dataclasses.replace
+        mcfg = pir_task.model_config(config)
+        mcfg = rep(mcfg, dtype=dt, swin=rep(mcfg.swin, dtype=dt), bert=rep(mcfg.bert, dtype=dt),
+                   resnet=rep(mcfg.resnet, dtype=dt))
+        task = rep(task, make_model=lambda: pir_lib.PIR(mcfg, rngs=nnx.Rngs(params=config.seed,
+                                                                            dropout=config.seed + 1)))
     size = config.data.image_size
     rng = np.random.default_rng(0)
+    vocab = pir_task.model_config(config).bert.vocab_size
     batch_data = {
-        "image": jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
-        "input_ids": jnp.asarray(rng.integers(1000, 30000, size=(batch, 24)), jnp.int32),
-        "idx": jnp.arange(batch, dtype=jnp.int32) // 2,
-        "label": jnp.asarray(rng.integers(0, 4, size=batch), jnp.int32),
+        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+        "input_ids": rng.integers(min(1000, vocab // 2), min(30000, vocab), size=(batch, text_len)).astype(np.int32),
+        "idx": np.arange(batch, dtype=np.int32) // 2,
+        "label": rng.integers(0, 4, size=batch).astype(np.int32),
     }
-    with jax.set_mesh(mesh):
-        model, _ = build_model(mcfg, mesh, parallel.DEFAULT_RULES, 0)
-        graphdef, params, stats, rngs = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        tx, _ = make_optimizer(config, mcfg, params, 17175)
-        opt_state = tx.init(params)
-        step = jax.jit(make_train_step(graphdef, tx, config, num_shards=1), donate_argnums=(0, 1, 3))
-        compiled = step.lower(params, stats, rngs, opt_state, batch_data, jnp.int32(0)).compile()
-        state = [params, stats, opt_state]
-
-        def train_once():
-            p, s, o, m = compiled(state[0], state[1], rngs, state[2], batch_data, jnp.int32(0))
-            state[:] = [p, s, o]
-            return m["loss"]
-
-        t_train = timed(train_once, repeats)
-        encode = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s, rngs).encode_image(x)[0])
-        t_eval = timed(lambda: encode(state[0], state[1], batch_data["image"]), repeats)
-        flops = _flops(compiled)
+    step = TrainerStep(config, task, batch_data, steps_per_epoch=-(-17175 // batch), num_items=17175)
+    t_train = timed(step, repeats)
+    with jax.set_mesh(step.mesh):
+        graphdef, state = nnx.split(step.model())
+        encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)[0])
+        t_eval = timed(lambda: encode(state, step.batch["image"]), repeats)
     peak = matmul_peak(jnp.dtype(dtype))
-    mfu = flops / t_train / peak
-    row = {"config": f"PIR {config.model.preset} {size}px", "dtype": dtype, "batch": batch,
+    print(f"measured matmul peak ({dtype}, jitted n x n matmul): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    mfu = step.flops / t_train / peak
+    row = {"config": f"PIR {config.model.preset} {size}px L={text_len}", "dtype": dtype, "batch": batch,
            "train s/step": f"{t_train:.3f}", "train img/s": f"{batch / t_train:.2f}",
-           "eval img/s": f"{batch / t_eval:.2f}", "step GFLOP": f"{flops / 1e9:.1f}",
+           "eval img/s": f"{batch / t_eval:.2f}", "step GFLOP": f"{step.flops / 1e9:.1f}",
            "matmul peak GFLOP/s": f"{peak / 1e9:.1f}", "MFU": f"{100 * mfu:.1f}%"}
-    print(f"PIR training step (fwd+bwd+AdamW, jitted), device {jax.devices()[0].device_kind}")
+    print(f"PIR training step (the trainer's: task loss, fwd+bwd+AdamW, jitted), "
+          f"device {jax.devices()[0].device_kind}")
     _table([row], list(row))
     return row
 
 
+# ---------------------------------------------------------------------------------------
+# BITA stage 2
+# ---------------------------------------------------------------------------------------
+OPT_SHAPE_FIELDS = ("vocab_size", "hidden", "layers", "heads", "ffn_dim", "max_positions", "word_embed_proj_dim",
+                    "do_layer_norm_before")
+
+
+def bita_config(batch: int, dtype: str, quick: bool, opt_preset: str = "opt_125m"):
+    """configs/bita.py:stage=2 (ViT-L/14 21 blocks + the full IFT) with an OPT of `opt_preset`'s
+    shape (model.opt_overrides), or the tiny test models with a frozen OPT for `quick`."""
+    from ml_collections import ConfigDict
+
+    from rsvl_jax.models.opt import PRESETS as OPT_PRESETS
+
+    overrides = [f"--config.batch_size={batch}", f"--config.model.dtype={dtype}",
+                 f"--config.model.frozen_dtype={dtype}", "--config.data.opt_tokenizer=data/synthetic_opt_tokenizer"]
+    if quick:
+        config = _config("configs/bita.py:stage=2,demo", overrides + ["--config.model.freeze_opt=True"])
+        return config
+    config = _config("configs/bita.py:stage=2", overrides)
+    opt = OPT_PRESETS[opt_preset]
+    config.unlock()
+    config.model.opt_overrides = ConfigDict({k: getattr(opt, k) for k in OPT_SHAPE_FIELDS})
+    config.lock()
+    return config
+
+
+def _bita_batch(batch: int, size: int, text_len: int, vocab: int, seed: int = 0) -> dict:
+    """A stage-2 batch as caption_pipeline yields it: BOS + caption ids, right-padded (pad 1)."""
+    from rsvl_jax.data.caption_pipeline import opt_targets
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(max(2, text_len // 2), text_len + 1, size=batch)
+    ids = rng.integers(4, vocab, size=(batch, text_len)).astype(np.int32)
+    ids[:, 0] = 2  # BOS
+    mask = (np.arange(text_len)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask > 0, ids, 1).astype(np.int32)
+    return {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32), "text_ids": ids,
+            "text_mask": mask, "targets": opt_targets(ids, mask, 0)}
+
+
+def _torch_bita_step(bcfg, batch: dict, threads: int):
+    """The stage-2 step at the same shapes from HF modules (a stand-in: see bench_bita)."""
+    import torch
+    import transformers as tf
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    v, q, o = bcfg.vit, bcfg.qformer, bcfg.opt
+    vit = tf.CLIPVisionModel(tf.CLIPVisionConfig(
+        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.layers, num_attention_heads=v.heads,
+        image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu"))
+    qformer = tf.Blip2QFormerModel(tf.Blip2QFormerConfig(
+        hidden_size=q.hidden, num_hidden_layers=q.layers, num_attention_heads=q.heads,
+        intermediate_size=q.intermediate, encoder_hidden_size=v.width, cross_attention_frequency=q.cross_attention_freq,
+        hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout))
+    opt = tf.OPTForCausalLM(tf.OPTConfig(
+        vocab_size=o.vocab_size, hidden_size=o.hidden, num_hidden_layers=o.layers, num_attention_heads=o.heads,
+        ffn_dim=o.ffn_dim, max_position_embeddings=o.max_positions, word_embed_proj_dim=o.embed_dim,
+        do_layer_norm_before=o.do_layer_norm_before, dropout=o.dropout, attention_dropout=o.attention_dropout))
+    ln_vision = torch.nn.LayerNorm(v.width)
+    query_tokens = torch.nn.Parameter(torch.randn(1, q.num_query_tokens, q.hidden) * 0.02)
+    opt_proj = torch.nn.Linear(q.hidden, o.embed_dim)
+    for frozen in (vit, opt):
+        frozen.requires_grad_(False)
+    vit.eval()  # frozen ViT; the frozen OPT keeps its dropout on (Q13, as ours)
+    qformer.train()
+    opt.train()
+    params = [query_tokens, *ln_vision.parameters(), *qformer.parameters(), *opt_proj.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    pixels = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
+    ids = torch.from_numpy(batch["text_ids"].astype(np.int64))
+    mask = torch.from_numpy(batch["text_mask"].astype(np.int64))
+    targets = torch.from_numpy(batch["targets"].astype(np.int64))
+    b, nq = ids.shape[0], q.num_query_tokens
+
+    def step():
+        image_embeds = ln_vision(vit(pixel_values=pixels).last_hidden_state)
+        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long)
+        out = qformer(query_embeds=query_tokens.expand(b, -1, -1), encoder_hidden_states=image_embeds,
+                      encoder_attention_mask=image_mask).last_hidden_state
+        inputs_opt = opt_proj(out)
+        embeds = torch.cat([inputs_opt, opt.get_input_embeddings()(ids)], dim=1)
+        att = torch.cat([torch.ones(b, nq, dtype=torch.long), mask], dim=1)
+        labels = torch.cat([torch.full((b, nq), -100, dtype=torch.long), targets], dim=1)
+        loss = opt(inputs_embeds=embeds, attention_mask=att, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    n_train = sum(p.numel() for p in params)
+    return step, n_train
+
+
+def bench_bita(repeats: int, batch: int, dtype: str, quick: bool, text_len: int = 24, threads: int | None = None,
+               torch_side: bool = True):
+    """BITA stage-2 training images/s: our trainer's step vs an HF-module stand-in in PyTorch."""
+    from rsvl_jax import tasks
+    from rsvl_jax.tasks import bita as bita_task
+
+    threads = threads or os.cpu_count()
+    config = bita_config(batch, dtype, quick)
+    task = tasks.get(config)
+    bcfg = bita_task.model_config(config)
+    text_len = min(text_len, bcfg.max_txt_len)
+    batch_data = _bita_batch(batch, config.data.image_size, text_len, min(bcfg.opt.vocab_size, 50000))
+    step = TrainerStep(config, task, batch_data, steps_per_epoch=1000, num_items=1000 * batch)
+    t_ours = timed(step, repeats)
+    peak = matmul_peak(jnp.dtype(dtype))
+    print(f"measured matmul peak ({dtype}, jitted n x n matmul): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    n_train = sum(x.size for x in jax.tree.leaves(step.state[0]))
+    n_frozen = sum(x.size for x in jax.tree.leaves(step.frozen))
+    shape = (f"ViT-L/14 {bcfg.vit.layers} blocks {bcfg.vit.image_size}px + IFT {bcfg.qformer.layers} layers "
+             f"({bcfg.qformer.num_query_tokens} queries) + OPT {bcfg.opt.layers}x{bcfg.opt.hidden} frozen, "
+             f"text {text_len}" if not quick else "tiny test models (--quick)")
+    rows = [{"side": "ours (trainer step, jitted)", "dtype": dtype, "batch": batch, "s/step": f"{t_ours:.3f}",
+             "img/s": f"{batch / t_ours:.2f}", "step GFLOP": f"{step.flops / 1e9:.1f}",
+             "MFU": f"{100 * step.flops / t_ours / peak:.1f}%"}]
+    if torch_side and dtype == "float32":
+        try:
+            torch_step, n_torch = _torch_bita_step(bcfg, batch_data, threads)
+        except ImportError as e:
+            print(f"torch side skipped: {e}")
+        else:
+            t_torch = _torch_timed(torch_step, repeats)
+            rows.append({"side": "torch stand-in (HF CLIP + Blip2QFormer + OPT)", "dtype": dtype, "batch": batch,
+                         "s/step": f"{t_torch:.3f}", "img/s": f"{batch / t_torch:.2f}",
+                         "step GFLOP": f"{step.flops / 1e9:.1f} (ours)",
+                         "MFU": f"{100 * step.flops / t_torch / peak:.1f}%"})
+            print(f"torch trainable parameters {n_torch:,} (ours {n_train:,})")
+    print(f"BITA stage-2 training step: {shape}; trainable {n_train:,} / frozen {n_frozen:,} parameters; "
+          f"{threads} threads, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if len(rows) > 1:
+        print("torch side: a STAND-IN built from HF modules at the same shapes (CLIPVisionModel, "
+              "Blip2QFormerModel = self-attention token mixing, NOT BITA's Fourier mixing; OPTForCausalLM "
+              "frozen; fwd+bwd+AdamW over the bridge). MFU of both uses our step's XLA FLOP count.")
+    _table(rows, list(rows[0]))
+    return rows
+
+
+def _torch_timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["encoders", "pir", "generate"])
+    parser.add_argument("what", choices=["encoders", "pir", "bita", "generate"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="default: pir 8, bita 4")
+    parser.add_argument("--text-len", type=int, default=24,
+                        help="caption tokens of the batch (pir: BERT ids, the rsitmd bucket; bita: OPT ids incl. BOS)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--no-torch", action="store_true", help="bita: skip the PyTorch side")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the tool itself runs")
     args = parser.parse_args(argv)
     if args.what == "encoders":
         bench_encoders(args.repeats, args.quick)
     elif args.what == "pir":
-        bench_pir(args.repeats, args.batch, args.dtype, args.quick)
+        bench_pir(args.repeats, args.batch or 8, args.dtype, args.quick, args.text_len)
+    elif args.what == "bita":
+        bench_bita(args.repeats, args.batch or 4, args.dtype, args.quick, args.text_len, args.threads,
+                   torch_side=not args.no_torch)
     else:
         from bench_generate import bench_generate
 
