@@ -78,7 +78,8 @@ def get_config(arg=None):
     c.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU); parameters stay float32
     c.model.frozen_dtype = "float32"  # storage of the frozen ViT / OPT weights (bfloat16 on GPU/TPU, §4.4)
     c.model.freeze_opt = True  # the OPT is frozen in BITA (§4.3); only the demo trains its tiny one
-X
+    c.model.remat = False  # recompute the IFT's layers in the backward pass (BITA's use_grad_checkpoint;
+    # no numeric effect; the frozen ViT keeps no activations for a backward pass anyway)
     # Weights (local paths; nothing is downloaded). Loaded before training, never when resuming.
     c.model.vit_weights = None  # CLIP ViT-L/14: LAVIS clip_vit_L.pth, or an OpenAI / HF CLIP file or dir
     c.model.opt_dir = None  # facebook/opt-2.7b HF directory (weights + tokenizer); stages 2 and caption
