@@ -40,7 +40,7 @@ from rsvl_jax.data import bita_text
 from rsvl_jax.data import pipeline as pir_pipeline
 from rsvl_jax.data import text as text_lib
 from rsvl_jax.data.builders.common import DatasetError, decode_image
-from rsvl_jax.data.pipeline import _host, _read_options, _records, _str
+from rsvl_jax.data.pipeline import _host, _records, _str
 from rsvl_jax.data.transforms import EvalTransform, TrainTransform, bita_image_eval, bita_image_train
 
 STATE_VERSION = 1

@@ -2,7 +2,6 @@
 started from the previous run; frozen parts without gradient or optimiser state; an exact
 resume; export to the reference layout and evaluation from it."""
 import json
-import os
 import pathlib
 import subprocess
 import sys

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pathlib
-from typing import Any
 
 import tensorflow_datasets as tfds
 
