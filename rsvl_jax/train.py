@@ -267,6 +267,7 @@ def train(config, command: str | None = None) -> dict:
                     return last_eval
         progress.close()
         ckpt.wait()
+        model = nnx.merge(graphdef, trainable, frozen, mutable, rest)  # the live (undonated) state
 
         # ================================================================= final evaluation
         final = {}

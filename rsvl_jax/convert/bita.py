@@ -379,6 +379,30 @@ def save_bita_pth(model, path, *, epoch: int = 0, config: Mapping | None = None,
 # ----------------------------------------------------------------------------------------
 # Stage 1's start: the IFT from BERT-base (§2.8, Q4).
 # ----------------------------------------------------------------------------------------
+def _fill_available(bridge, entries, tensors: Tensors, source_of, what: str) -> tuple[int, list[str]]:
+    """Sets every bridge variable of `entries` whose source (`source_of(entry source)`) is in
+    `tensors`; the others keep their init. Embedding tables with fewer rows fill the first ones
+    (BERT's 30522 rows into the IFT's 30523). Returns (set, names of those kept)."""
+    variables = {path_str(p): v for p, v in nnx.state(bridge, nnx.Param).flat_state()}
+    loaded, kept = 0, []
+    for e in entries:
+        name = source_of(e.sources[0]) if len(e.sources) == 1 else None
+        if e.target not in variables:
+            continue
+        if name is None or name not in tensors:
+            kept.append(e.target)
+            continue
+        value, var = np.asarray(e.hook(tensors[name])), variables[e.target]
+        if "word_embeddings" in name and value.ndim == 2 and value.shape[0] < var.shape[0]:
+            value = np.concatenate([value, np.asarray(var.get_value())[value.shape[0]:]])
+        if value.shape != tuple(var.shape):
+            raise ConversionError(f"{what}: {name} has shape {value.shape}, the bridge's {e.target} "
+                                  f"{tuple(var.shape)}")
+        var.set_value(jnp.asarray(value, var.dtype))
+        loaded += 1
+    return loaded, kept
+
+
 def init_stage1_from_bert(bridge, bert_source) -> str:
     """Fills a `Stage1Bridge`'s IFT from BERT weights as the reference's `init_IFT` does:
     word and position embeddings, the embedding LayerNorm and every layer's FFN, each FFN
@@ -388,23 +412,11 @@ def init_stage1_from_bert(bridge, bert_source) -> str:
     tensors = read_state_dict(bert_source)
     bert = {(k if k.startswith("bert.") else f"bert.{k}"): v for k, v in tensors.items()}
     entries, _ = _qformer(bridge.config, "Fformer.")
-    variables = {path_str(p): v for p, v in nnx.state(bridge, nnx.Param).flat_state()}
-    loaded = 0
-    for e in entries:
-        if len(e.sources) != 1 or not e.sources[0].startswith("Fformer.bert."):
-            continue
-        name = e.sources[0][len("Fformer."):].replace("_query", "")  # the query FFN from its text twin
-        if name not in bert or e.target not in variables:
-            continue
-        value, var = np.asarray(e.hook(bert[name])), variables[e.target]
-        if "word_embeddings" in name and value.shape[0] != var.shape[0]:
-            rows = min(value.shape[0], var.shape[0])
-            value = np.concatenate([value[:rows], np.asarray(var.get_value())[rows:]])
-        if value.shape != tuple(var.shape):
-            raise ConversionError(f"{_name(bert_source)}: {name} has shape {value.shape}, the IFT's "
-                                  f"{e.target} {tuple(var.shape)}: not a BERT-base checkpoint for this IFT")
-        var.set_value(jnp.asarray(value, var.dtype))
-        loaded += 1
+
+    def source_of(src):  # the query FFN starts from its text twin
+        return src[len("Fformer."):].replace("_query", "") if src.startswith("Fformer.bert.") else None
+
+    loaded, _ = _fill_available(bridge, entries, bert, source_of, _name(bert_source))
     needed = 3 + 6 * bridge.config.qformer.layers  # embeddings + (text and query FFN) x layers
     if loaded < needed:
         raise ConversionError(f"{_name(bert_source)}: only {loaded} of the {needed} BERT tensors the IFT "
@@ -412,6 +424,26 @@ def init_stage1_from_bert(bridge, bert_source) -> str:
     return f"stage-1 IFT <- {_name(bert_source)} (BERT: {loaded} tensors; cross-attention and Fourier LNs fresh)"
 
 
+def warm_start_from_blip2(bridge, blip2_source) -> str:
+    """A deviation from the reference, offered on request (§10.4, Q4): a `Stage1Bridge` from a
+    LAVIS BLIP-2 checkpoint (`Qformer.*` renamed to the IFT's `Fformer.*`): query tokens,
+    ln_vision, the projections, temp, the embeddings, every FFN and the cross-attention of the
+    even layers. The odd layers' cross-attention and the Fourier LayerNorms (BLIP-2 has neither)
+    keep their init; BLIP-2's self-attention is unused."""
+    tensors = read_state_dict(blip2_source)
+    entries, _ = stage1_table(bridge.config, "Fformer.")
+
+    def source_of(src):
+        return "Qformer." + src[len("Fformer."):] if src.startswith("Fformer.") else src
+
+    loaded, kept = _fill_available(bridge, entries, tensors, source_of, _name(blip2_source))
+    if not any(k.startswith("Qformer.bert.") for k in tensors):
+        raise ConversionError(f"{_name(blip2_source)}: no Qformer.bert.* tensors: not a LAVIS BLIP-2 checkpoint")
+    return (f"stage-1 bridge <- BLIP-2 {_name(blip2_source)} (a deviation from BITA, which starts from "
+            f"BERT-base): {loaded} tensors; {len(kept)} kept at init (odd-layer cross-attention, Fourier LNs)")
+
+
 __all__ = ["FAMILIES", "PREFIXES", "table", "stage1_table", "opt_table", "reference_names", "detect_prefix",
            "load_bita_stage1", "load_bita_opt", "init_bita_opt_from_stage1", "check_tied_lm_head", "bita_state_dict",
-           "save_bita_pth", "TIED_LM_HEAD", "init_stage1_from_bert", "init_opt_bridge_from_stage1"]
+           "save_bita_pth", "TIED_LM_HEAD", "init_stage1_from_bert", "init_opt_bridge_from_stage1",
+           "warm_start_from_blip2"]

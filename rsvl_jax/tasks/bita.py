@@ -116,9 +116,8 @@ def load_pretrained(model, config, bcfg, stage: int) -> list[str]:
     stages 2 and 3 (required, Q5/Q20)."""
     m = config.model
     if stage == 1:
-        if m.blip2_checkpoint:
-            raise ConfigError("model.blip2_checkpoint: the BLIP-2 warm start (§10.4) is not available yet; "
-                              "stage 1 starts from BERT-base as the reference does (model.bert_dir)")
+        if m.blip2_checkpoint:  # a labelled deviation (Q4): BITA itself starts from BERT-base
+            return [bita_convert.warm_start_from_blip2(model.bridge, repo_path(m.blip2_checkpoint))]
         if not m.bert_dir:
             return ["note: no --config.model.bert_dir; the IFT starts from random weights "
                     "(the reference starts from bert-base-uncased, §2.8)"]
