@@ -43,6 +43,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(rest)
     except SystemExit as e:  # argparse printed its one-line usage error
         return int(e.code or 0)
+    parallel.enable_compile_cache()
     task = tasks.get(config)
     if task.evaluate is None:
         raise ConfigError(f"the {task.name} task of this config has no evaluation")

@@ -257,6 +257,19 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
     return False
 
 
+def enable_compile_cache(directory: str | None = None) -> str | None:
+    """JAX's persistent compilation cache, so re-running a command (a resume, an evaluation,
+    the next stage) reuses the compiled step instead of compiling it again (tens of seconds
+    for PIR's step on a CPU). `RSVL_COMPILE_CACHE` sets the directory; "0" turns it off."""
+    directory = directory or os.environ.get("RSVL_COMPILE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "rsvl_jax", "xla")
+    if directory == "0":
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return directory
+
+
 def _cpu_collectives() -> None:
     """Processes on CPU talk through gloo (JAX's CPU collectives), e.g. local test runs."""
     platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")

@@ -320,6 +320,7 @@ def main(argv=None) -> int:
     config, rest = parse_cli(argv)
     if rest:
         raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
+    parallel.enable_compile_cache()
     for earlier in stages_first(config, argv):
         train(earlier)
     train(config, command=" ".join(a for a in argv))
