@@ -286,6 +286,11 @@ class Searcher:
         self.task = tasks.get(self.config)
         with jax.set_mesh(parallel.make_mesh(self.config.mesh)):
             self.model = tasks.load_model(self.task, self.config, m["checkpoint"], m["step"], say=lambda *a: None)
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-reads the index's rows (after `build_index` added some), keeping the model."""
+        self.manifest = read_manifest(self.index)
         embs, self.paths, self.windows = load_rows(self.index, self.manifest)
         self.embeddings = jnp.asarray(embs)
 

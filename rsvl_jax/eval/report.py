@@ -136,7 +136,7 @@ def search_page(path: str | os.PathLike, query: str, results: Sequence[Mapping],
                 title: str = "Search results") -> pathlib.Path:
     """A query and its ranked results. Image results: `thumb`, `path`, `score`, `window`;
     text results (an image-to-text query): `text`, `score`."""
-    head = "<div class=\"card\" style=\"max-width:340px\">"
+    head = "<div class=\"card query\" style=\"max-width:340px\">"
     if query_thumb:
         head += f"<img src=\"{esc(query_thumb)}\" alt=\"query image\">"
     head += f"<div class=\"caption\">query: {esc(query)}</div></div>"
