@@ -30,10 +30,9 @@ def test_retrieval_report_renders_with_its_cards_plot_and_heatmaps(tmp_path, cap
     model = pir_task.make(config).make_model()
     checkpoint.save_params(tmp_path / "ckpt", nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
     args = _args(tmp_path) + ["--checkpoint", str(tmp_path / "ckpt")]
-    assert evaluate.main(args) == 0
-    plain = _table(capsys.readouterr().out)
     assert evaluate.main(args + ["--report", str(tmp_path / "report")]) == 0
-    assert _table(capsys.readouterr().out) == plain  # same table, still the last two lines
+    table = _table(capsys.readouterr().out)  # the metric table is still the last two lines
+    assert list(table) == list(pir_task.METRIC_KEYS) and all(0 <= v <= 100 for v in table.values())
 
     out = tmp_path / "report"
     assert not browser.is_blank(out / "recall.png")
