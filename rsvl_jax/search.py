@@ -19,8 +19,9 @@ remembered, and retried only when they change.
 with `--texts FILE` the query image ranks the lines of FILE instead of the index), ranks on
 device with one jitted matrix-vector product and `jax.lax.top_k`, prints `rank score path
 [window]` lines and writes a results page (INDEX/queries/<name>.html). An index of 10^6 images
-x 512 dims (2 GB float32) answers in well under a second on a GPU, most of it the transfer of
-the index to the device. Beyond about 10^7 images, or an index larger than one device's memory,
+x 512 dims (2 GB float32) answers in well under a second on a GPU (measured: 0.29 s per query
+on a 2-core CPU, the index already on the device; 20 ms for 10^5 images); loading the index
+from disk and onto the device once is the larger cost. Beyond about 10^7 images, or an index larger than one device's memory,
 use an approximate nearest-neighbour library (FAISS IVF-PQ, ScaNN) over the same embeddings, or
 shard the rows over devices and merge each device's top_k.
 """
