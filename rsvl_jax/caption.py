@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(rest)
     except SystemExit as e:
         return int(e.code or 0)
+    parallel.enable_compile_cache()
     task = tasks.get(config)
     if task.caption_images is None:
         raise ConfigError(f"the {task.name} task of this config does not caption images "

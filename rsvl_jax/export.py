@@ -26,6 +26,7 @@ def main(argv=None) -> int:
         return 0
     config, rest = parse_cli(argv)
     args = parser.parse_args(rest)
+    parallel.enable_compile_cache()
     task = tasks.get(config)
     if task.export_pytorch is None:
         raise ConfigError(f"the {task.name} task of this config has no PyTorch export")

@@ -232,6 +232,7 @@ def cmd_index(argv: list[str]) -> int:
         args = parser.parse_args(rest)
     except SystemExit as e:
         return int(e.code or 0)
+    parallel.enable_compile_cache()
     task = tasks.get(config)
     if task.embed_images is None or task.embed_texts is None:
         raise ConfigError(f"the {task.name} task of this config has no image/text embeddings to search with "

@@ -2,12 +2,10 @@
 recall plot and VIR heatmaps; the heatmap is VIR's belief on the Swin grid (7x7 at 224 px); the
 captioning report shows every image worst CIDEr first."""
 import dataclasses
-import pathlib
 import re
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from rsvl_jax import checkpoint, evaluate
