@@ -244,7 +244,9 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
         if "JAX_PROCESS_ID" not in os.environ:
             raise RuntimeError("JAX_NUM_PROCESSES > 1 but JAX_PROCESS_ID is not set")
         _cpu_collectives()
-        jax.distributed.initialize(address, num, int(os.environ["JAX_PROCESS_ID"]))
+        # A generous shutdown barrier: hosts finish their last host-side work (closing
+        # checkpoints, writing files) at different speeds on loaded machines.
+        jax.distributed.initialize(address, num, int(os.environ["JAX_PROCESS_ID"]), shutdown_timeout_seconds=900)
         return True
     # JAX's own cluster detection for the launchers our users have: SLURM (`srun`, one task
     # per host or per GPU) and TPU pods (the same command on every worker).
@@ -252,7 +254,7 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if force or slurm or tpu_pod:
         _cpu_collectives()
-        jax.distributed.initialize()
+        jax.distributed.initialize(shutdown_timeout_seconds=900)
         return True
     return False
 

@@ -285,6 +285,10 @@ def train(config, command: str | None = None) -> dict:
                     json.dump({"step": best, **final}, f, indent=1)
         ckpt.close()
         log.close()
+        if jax.process_count() > 1:  # every host is done before any leaves
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("rsvl_jax_train_done")
 
         # ================================================================= summary
         say(f"done: {step} steps in {workdir}")

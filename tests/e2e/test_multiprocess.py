@@ -59,18 +59,21 @@ def _records(workdir):
     return {r["step"]: r for r in map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())}
 
 
-def _assert_same_run(a, b):
-    pa, da, sa = _final_params(a)
-    pb, db, sb = _final_params(b)
-    assert sa == sb
-    for (k, x), (_, y) in zip(pa.flat_state(), pb.flat_state()):
-        np.testing.assert_allclose(x[...], y[...], atol=2e-5, err_msg=str(k))
+def _assert_same_run(a, b, lr=5e-4):
     ra, rb = _records(a.workdir), _records(b.workdir)
     assert sorted(ra) == sorted(rb)
     for step, rec in ra.items():
         for key in ("loss", "loss_contr", "loss_affil", "val_r_mean", "test_r_mean", "val_txt_r1"):
             if key in rec:
                 np.testing.assert_allclose(rec[key], rb[step][key], rtol=1e-4, atol=1e-4, err_msg=f"{key} {step}")
+    pa, da, sa = _final_params(a)
+    pb, db, sb = _final_params(b)
+    assert sa == sb
+    for (k, x), (_, y) in zip(pa.flat_state(), pb.flat_state()):
+        # Attention key biases have a zero true gradient (softmax ignores them): their float-noise
+        # gradients become Adam steps of up to lr either way, so they agree to steps x lr only.
+        key_bias = k[-1] == "bias" and any(str(p) in ("key", "linear_k") for p in k)
+        np.testing.assert_allclose(x[...], y[...], atol=sa * lr if key_bias else 2e-5, err_msg=str(k))
 
 
 @pytest.mark.slow
