@@ -416,10 +416,10 @@ class CheckpointManager:
             if os.path.exists(target):
                 target = f"{target}.{int(time.time())}"
             os.rename(os.path.join(self.directory, str(step)), target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        if jax.process_count() > 1:  # the coordination service, not a device collective
+            from jax._src import distributed
 
-            multihost_utils.sync_global_devices(f"rsvl_jax_move_aside_{step}")
+            distributed.global_state.client.wait_at_barrier(f"rsvl_jax_move_aside_{step}", 3_600_000)
         self._mgr.reload()
         return target
 

@@ -328,16 +328,29 @@ def fetch_replicated(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+_BARRIERS = [0]
+
+
+def host_barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process gets here, through JAX's coordination service rather than a
+    device collective: a collective's first use sets up gloo with a 30 s deadline, which a host
+    still building a dataset or compiling on a loaded machine would miss."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination-service client (no public accessor)
+
+    _BARRIERS[0] += 1
+    distributed.global_state.client.wait_at_barrier(f"rsvl_jax_{name}_{_BARRIERS[0]}", timeout_s * 1000)
+
+
 def main_process_first(fn: Callable[[], Any]) -> Any:
     """Runs `fn` on process 0 first and on the others after it (e.g. building a dataset into
     a shared cache, which several writers would race on)."""
     if jax.process_count() == 1:
         return fn()
-    from jax.experimental import multihost_utils
-
     if jax.process_index() == 0:
         out = fn()
-        multihost_utils.sync_global_devices("rsvl_jax_main_first")
+        host_barrier("main_first")
         return out
-    multihost_utils.sync_global_devices("rsvl_jax_main_first")
+    host_barrier("main_first")
     return fn()

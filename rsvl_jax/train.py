@@ -207,6 +207,7 @@ def train(config, command: str | None = None) -> dict:
 
         # ================================================================= step
         step_fn = jax.jit(make_train_step(graphdef, task, tx, config.seed), donate_argnums=(0, 2, 4))
+        parallel.host_barrier("start")  # hosts enter the first collective together
 
         # ================================================================= loop
         log = MetricsLog(workdir, step, is_main, task.eval_splits)
@@ -244,6 +245,7 @@ def train(config, command: str | None = None) -> dict:
                 every_epochs = config.eval_every_epochs
                 if end_of_epoch and task.eval_splits and every_epochs > 0 and epoch % every_epochs == 0:
                     current = nnx.merge(graphdef, trainable, frozen, mutable, rest)
+                    parallel.host_barrier("eval")
                     for split in task.eval_splits:
                         res = task.evaluate(current, data, split, step)
                         eval_metrics.update({f"{split}_{k}": v for k, v in res.items()})
@@ -285,10 +287,7 @@ def train(config, command: str | None = None) -> dict:
                     json.dump({"step": best, **final}, f, indent=1)
         ckpt.close()
         log.close()
-        if jax.process_count() > 1:  # every host is done before any leaves
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("rsvl_jax_train_done")
+        parallel.host_barrier("train_done")  # every host is done before any leaves
 
         # ================================================================= summary
         say(f"done: {step} steps in {workdir}")

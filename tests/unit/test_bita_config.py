@@ -45,9 +45,10 @@ def test_values(stage, dataset, demo):
     for key in ("name", "data_dir", "manual_dir", "image_size"):
         assert key in c.data
     if stage == "caption":
-        assert c.best_metric == "val_agg_metrics" and c.eval_splits == ("val", "test")
+        # val every epoch picks the best checkpoint; test is scored once, with it (§7)
+        assert c.best_metric == "val_agg_metrics" and c.eval_splits == ("val",) and c.final_splits == ("test",)
     else:
-        assert c.eval_splits == () and c.best_metric is None
+        assert c.eval_splits == () and c.final_splits == () and c.best_metric is None
     if demo:
         assert c.data.name == "synthetic" and c.model.freeze_opt is False
         assert c.data.opt_tokenizer == "data/synthetic_opt_tokenizer" and c.data.bert_tokenizer == "data/synthetic_vocab"
