@@ -207,7 +207,19 @@ def train(config, command: str | None = None) -> dict:
 
         # ================================================================= step
         step_fn = jax.jit(make_train_step(graphdef, task, tx, config.seed), donate_argnums=(0, 2, 4))
-        parallel.host_barrier("start")  # hosts enter the first collective together
+        compiled = set()  # batch shapes compiled so far
+
+        def run_step(*args):
+            """With several hosts, compiles each new batch shape ahead of time and waits for the
+            other hosts before running it, so all enter the step's collectives together (a host
+            still compiling on a loaded machine makes the others miss gloo's 30 s set-up
+            deadline). The run then reuses that compilation through the persistent cache."""
+            shapes = tuple(x.shape for x in jax.tree.leaves(args[5]))
+            if jax.process_count() > 1 and shapes not in compiled:
+                step_fn.lower(*args).compile()
+                parallel.host_barrier("compiled")
+                compiled.add(shapes)
+            return step_fn(*args)
 
         # ================================================================= loop
         log = MetricsLog(workdir, step, is_main, task.eval_splits)
@@ -218,7 +230,7 @@ def train(config, command: str | None = None) -> dict:
         with Preemption() as preemption:
             while step < total_steps:
                 batch = parallel.host_local_to_global(next(loader), mesh)
-                trainable, mutable, opt_state, metrics = step_fn(
+                trainable, mutable, opt_state, metrics = run_step(
                     trainable, frozen, mutable, rest, opt_state, batch, jnp.asarray(step, jnp.int32))
                 step += 1
                 seen += config.batch_size
