@@ -77,6 +77,7 @@ def _assert_same_run(a, b, lr=5e-4):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
     one = subprocess.run(_command(tmp_path, "one", "--config.max_steps=3"), cwd=REPO, env=_env(4),
                          capture_output=True, text=True, timeout=600)
