@@ -190,6 +190,7 @@ def train(config, command: str | None = None) -> dict:
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
 
         # ================================================================= restore
+        parallel.host_barrier("checkpoints")  # Orbax's manager syncs the hosts with a collective
         ckpt = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                             keep=config.keep_checkpoints, best_metrics=task.best_metrics)
         step = 0
