@@ -33,7 +33,8 @@ def _imports(name: str, path: pathlib.Path) -> set[str]:
             base = node.module or ""
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+            # `from pkg import sub` runs pkg's __init__ too: an edge to both.
+            targets = [base] + [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
         else:
             continue
         for t in targets:
@@ -55,9 +56,6 @@ def _cycle():
         state[node] = "open"
         stack.append(node)
         for nxt in sorted(GRAPH[node]):
-            # A submodule importing its own package's __init__ is how `from pkg import x` reads.
-            if node.startswith(nxt + "."):
-                continue
             if state.get(nxt) == "open":
                 return stack[stack.index(nxt):] + [nxt]
             if nxt not in state and (found := visit(nxt)):

@@ -16,7 +16,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from rsvl_jax.data.builders import cache
+import rsvl_jax.data.builders.cache as cache
 from rsvl_jax.data.builders.caption_sets import NwpuCaptions, SydneyCaptions, UcmCaptions
 from rsvl_jax.data.builders.common import UNKNOWN_LABEL, BuildReport, DatasetError, decode_image
 from rsvl_jax.data.builders.karpathy import AnnotationConfig

@@ -209,7 +209,7 @@ class KarpathyPirBuilder(CaptionBuilder, skip_registration=True):
         if kind == "pir":
             paths = [manual / f"{cls.PIR_PREFIX}_{s}.json" for s in KARPATHY_SPLITS]
         elif kind == "bita":
-            from rsvl_jax.data.builders import bita_lists
+            import rsvl_jax.data.builders.bita_lists as bita_lists
 
             paths = list(bita_lists.list_paths(manual, cls.BITA_PREFIX).values())
         else:
@@ -253,7 +253,7 @@ class KarpathyPirBuilder(CaptionBuilder, skip_registration=True):
         return names
 
     def _read_bita(self, manual: pathlib.Path):
-        from rsvl_jax.data.builders import bita_lists
+        import rsvl_jax.data.builders.bita_lists as bita_lists
 
         def note(split, reason, msg):
             self._parse_notes[split].append((reason, msg))
