@@ -31,7 +31,7 @@ import jax
 from rsvl_jax import parallel, tasks
 from rsvl_jax.data import images
 from rsvl_jax.eval import report
-from rsvl_jax.config import ConfigError, parse_cli, print_help
+from rsvl_jax.config import ConfigError
 from rsvl_jax.errors import UserError, run_cli
 
 
@@ -53,16 +53,10 @@ def main(argv=None) -> int:
     parser.add_argument("--alternatives", type=int, default=0, help="also keep up to N other beams with scores")
     parser.add_argument("--thumb-size", type=int, default=256, help="longer side of the page's thumbnails")
     images.add_arguments(parser)
-    if "-h" in argv or "--help" in argv:
-        print_help(parser, argv)
-        return 0
-    config, rest = parse_cli(argv)
-    try:
-        args = parser.parse_args(rest)
-    except SystemExit as e:
-        return int(e.code or 0)
-    parallel.enable_compile_cache()
-    task = tasks.get(config)
+    parsed = tasks.parse_entry(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    config, args, task = parsed
     if task.caption_images is None:
         raise ConfigError(f"the {task.name} task of this config does not caption images "
                           "(use configs/bita.py:stage=caption)")

@@ -14,7 +14,7 @@ import sys
 import jax
 
 from rsvl_jax import parallel, tasks
-from rsvl_jax.config import ConfigError, parse_cli, print_help
+from rsvl_jax.config import ConfigError
 from rsvl_jax.errors import run_cli
 
 
@@ -35,16 +35,10 @@ def main(argv=None) -> int:
                         help="also write an HTML report of the same pass to DIR/index.html (retrieval: "
                              "recall@K curves, sampled queries with their top-5, VIR heatmaps; captioning: "
                              "every image with its caption, references and CIDEr, worst first)")
-    if "-h" in argv or "--help" in argv:
-        print_help(parser, argv)
-        return 0
-    config, rest = parse_cli(argv)
-    try:
-        args = parser.parse_args(rest)
-    except SystemExit as e:  # argparse printed its one-line usage error
-        return int(e.code or 0)
-    parallel.enable_compile_cache()
-    task = tasks.get(config)
+    parsed = tasks.parse_entry(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    config, args, task = parsed
     if task.evaluate is None:
         raise ConfigError(f"the {task.name} task of this config has no evaluation")
     with jax.set_mesh(parallel.make_mesh(config.mesh)):

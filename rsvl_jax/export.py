@@ -11,7 +11,7 @@ import sys
 import jax
 
 from rsvl_jax import parallel, tasks
-from rsvl_jax.config import ConfigError, parse_cli, print_help
+from rsvl_jax.config import ConfigError
 from rsvl_jax.errors import run_cli
 
 
@@ -21,13 +21,10 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a run directory or a converted checkpoint")
     parser.add_argument("--step", type=int, default=None, help="a step of the run (default: its best)")
     parser.add_argument("out", help="the .pth file to write")
-    if "-h" in argv or "--help" in argv:
-        print_help(parser, argv)
-        return 0
-    config, rest = parse_cli(argv)
-    args = parser.parse_args(rest)
-    parallel.enable_compile_cache()
-    task = tasks.get(config)
+    parsed = tasks.parse_entry(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    config, args, task = parsed
     if task.export_pytorch is None:
         raise ConfigError(f"the {task.name} task of this config has no PyTorch export")
     with jax.set_mesh(parallel.make_mesh(config.mesh)):

@@ -224,16 +224,10 @@ def cmd_index(argv: list[str]) -> int:
     parser.add_argument("--chunk", type=int, default=4096, help="images per committed chunk (resume granularity)")
     parser.add_argument("--rebuild", action="store_true", help="start the index again from nothing")
     images.add_arguments(parser)
-    if "-h" in argv or "--help" in argv:
-        print_help(parser, argv)
-        return 0
-    config, rest = parse_cli(argv)
-    try:
-        args = parser.parse_args(rest)
-    except SystemExit as e:
-        return int(e.code or 0)
-    parallel.enable_compile_cache()
-    task = tasks.get(config)
+    parsed = tasks.parse_entry(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    config, args, task = parsed
     if task.embed_images is None or task.embed_texts is None:
         raise ConfigError(f"the {task.name} task of this config has no image/text embeddings to search with "
                           "(use a retrieval config, e.g. configs/pir.py)")

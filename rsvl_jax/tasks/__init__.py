@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from rsvl_jax import checkpoint, parallel
-from rsvl_jax.config import ConfigError, check_choice
+from rsvl_jax.config import ConfigError, check_choice, parse_cli, print_help
 
 TASKS = ("pir", "bita")
 
@@ -135,3 +135,19 @@ def load_model(task: Task, config, path: str, step: int | None = None, say=print
         raise FileNotFoundError(f"no checkpoint at {path} (expected a run directory, a converted "
                                 f"checkpoint directory or a {'/'.join(PYTORCH_SUFFIXES)} file)")
     return model
+
+
+def parse_entry(parser, argv):
+    """The entry points' common start: `--help` (with the resolved config when `--config` is
+    given), the config and its overrides, `parser` for the rest, the compile cache, the task.
+    Returns `(config, args, task)`, or the exit status when help or a usage error ended it."""
+    if "-h" in argv or "--help" in argv:
+        print_help(parser, argv)
+        return 0
+    config, rest = parse_cli(argv)
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as e:  # argparse printed its one-line usage error
+        return int(e.code or 0)
+    parallel.enable_compile_cache()
+    return config, args, get(config)
