@@ -23,6 +23,7 @@ _MODULES = {
     "bert": "bert",
     "resnet50": "resnet",
     "clip_vit": "clip_vit",
+    "clip": "clip",
     "pir": "pir",
     "opt": "opt",
     "blip2_qformer": "qformer",
