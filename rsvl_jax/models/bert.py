@@ -34,7 +34,8 @@ class BertConfig:
     # matches nothing (spec §2.11, Q2): Linear U(+-1/sqrt(fan_in)) for weights and biases,
     # Embedding N(0, 1). False: BERT's own N(0, 0.02) / zero-bias init.
     reference_init: bool = True
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype; parameters, softmax and LayerNorms stay float32
+    remat: bool = False  # recompute each layer's activations in the backward pass (memory for FLOPs)
 
     @property
     def head_dim(self) -> int:
@@ -165,6 +166,11 @@ class Bert(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic).astype(self.config.dtype)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        def run(layer, x, mask):
+            return layer(x, mask, deterministic=deterministic)
+
+        if self.config.remat:  # per layer: only its input is kept for the backward pass
+            run = nnx.remat(run)
         for layer in self.layers:
-            x = layer(x, mask, deterministic=deterministic)
+            x = run(layer, x, mask)
         return x

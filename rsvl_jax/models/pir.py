@@ -94,6 +94,16 @@ class PIRConfig:
         if self.temp_clamp not in (None, False, True) and len(tuple(self.temp_clamp)) != 2:
             raise ValueError(f"temp_clamp must be None, a bool or (lo, hi), got {self.temp_clamp!r}")
 
+    def with_precision(self, dtype=jnp.float32, remat: bool = False) -> "PIRConfig":
+        """The same model computing in `dtype` (Swin, BERT, the ResNet prior and the heads;
+        parameters, softmax, norms and losses stay float32), with `remat` recomputing each Swin
+        block and BERT layer in the backward pass."""
+        rep, dt = dataclasses.replace, jnp.dtype(dtype)
+        return rep(self, dtype=dt,
+                   swin=self.swin and rep(self.swin, dtype=dt, remat=remat),
+                   bert=self.bert and rep(self.bert, dtype=dt, remat=remat),
+                   resnet=self.resnet and rep(self.resnet, dtype=dt))
+
     @property
     def vision_dim(self) -> int:
         return self.swin.num_features if self.swin is not None else self.vision_width

@@ -46,7 +46,8 @@ class SwinConfig:
     qkv_bias: bool = True
     drop_path_rate: float = 0.1  # PIR hard-codes 0.1 (linear over all blocks)
     layer_norm_eps: float = 1e-5
-    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    dtype: Any = jnp.float32  # compute dtype; parameters, softmax and LayerNorms stay float32
+    remat: bool = False  # recompute each block's activations in the backward pass (memory for FLOPs)
 
     @property
     def num_features(self) -> int:
@@ -116,6 +117,11 @@ def shift_mask(resolution: int, window: int, shift: int) -> np.ndarray:
     return np.where(same, 0.0, SHIFT_MASK_VALUE).astype(np.float32)
 
 
+def _norm(norm: nnx.LayerNorm, x, dtype):
+    """LayerNorm in float32, result in the compute dtype (the residual stream's)."""
+    return norm(x.astype(jnp.float32)).astype(dtype)
+
+
 def _partition(x, window: int):
     """(B, H, W, C) -> (B*nW, w*w, C): windows row-major over the grid, tokens row-major inside."""
     b, h, w, c = x.shape
@@ -150,11 +156,12 @@ class PatchEmbed(nnx.Module):
             dtype=config.dtype, param_dtype=jnp.float32, rngs=rngs,
         )
         self.norm = layers.layer_norm(config.embed_dim, eps=config.layer_norm_eps, rngs=rngs)
+        self.dtype = config.dtype
 
     def __call__(self, images):
         x = self.proj(images)  # (B, H/p, W/p, C)
         b, h, w, c = x.shape
-        return self.norm(x.reshape(b, h * w, c))
+        return _norm(self.norm, x.reshape(b, h * w, c), self.dtype)
 
 
 class WindowAttention(nnx.Module):
@@ -218,7 +225,7 @@ class SwinBlock(nnx.Module):
     def __call__(self, x, *, deterministic: bool):
         b, l, c = x.shape
         r, w, s = self.resolution, self.window, self.shift
-        y = self.norm1(x).reshape(b, r, r, c)
+        y = _norm(self.norm1, x, x.dtype).reshape(b, r, r, c)
         if s:
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
         y = _partition(y, w).reshape(b, -1, w * w, c)
@@ -227,7 +234,7 @@ class SwinBlock(nnx.Module):
         if s:
             y = jnp.roll(y, (s, s), axis=(1, 2))
         x = x + self.drop_path(y.reshape(b, l, c), deterministic=deterministic)
-        return x + self.drop_path(self.mlp(self.norm2(x)), deterministic=deterministic)
+        return x + self.drop_path(self.mlp(_norm(self.norm2, x, x.dtype)), deterministic=deterministic)
 
 
 class PatchMerging(nnx.Module):
@@ -247,7 +254,7 @@ class PatchMerging(nnx.Module):
         r = self.resolution
         x = x.reshape(b, r, r, c)
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-        return self.reduction(self.norm(x.reshape(b, (r // 2) ** 2, 4 * c)))
+        return self.reduction(_norm(self.norm, x.reshape(b, (r // 2) ** 2, 4 * c), x.dtype))
 
 
 class SwinStage(nnx.Module):
@@ -262,10 +269,16 @@ class SwinStage(nnx.Module):
         ])
         last = stage == len(config.depths) - 1
         self.downsample = None if last else PatchMerging(dim, res, config, rngs=rngs)
+        self.remat = config.remat
 
     def __call__(self, x, *, deterministic: bool):
+        def run(block, x):
+            return block(x, deterministic=deterministic)
+
+        if self.remat:  # per block: only its input is kept for the backward pass
+            run = nnx.remat(run)
         for block in self.blocks:
-            x = block(x, deterministic=deterministic)
+            x = run(block, x)
         if self.downsample is not None:
             x = self.downsample(x)
         return constrain(x, ("batch", "length", "embed"))
@@ -300,7 +313,7 @@ class Swin(nnx.Module):
         x = constrain(self.patch_embed(images), ("batch", "length", "embed"))
         for stage in self.layers:
             x = stage(x, deterministic=deterministic)
-        tokens = self.norm(x)
+        tokens = _norm(self.norm, x, x.dtype)
         pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
         out = jnp.concatenate([pooled[:, None], tokens], axis=1)
         return out, {"tokens": tokens, "pooled": pooled}
