@@ -2,6 +2,14 @@
 
     python tools/plan.py --config configs/bita.py:stage=2 [--config.a.b=v ...]
                          [--devices 8] [--mesh data=1,fsdp=8,tensor=1] [--text-len 32]
+    python tools/plan.py --config configs/pir.py:dataset=rsitmd --per-device-batch 128 \
+                         --mesh data=1 --mesh data=8 --mesh fsdp=8 --mesh data=8,fsdp=8 --fit
+
+`--mesh` may repeat: each mesh is compiled in turn and one summary row per mesh is printed
+(the simulated device count defaults to the largest mesh; a smaller mesh uses the first
+devices). `--per-device-batch B` sets the global batch to B x (data x fsdp) for each mesh, so
+every mesh sees the same per-device work. `--fit` adds which meshes fit on common GPUs and TPU
+chips (see `fit_table` for the headroom assumed). `--json PATH` saves the raw numbers.
 
 Nothing is initialised and no data is read: the task's model, the optimiser state and a batch
 exist only as shapes (`jax.eval_shape`, `jax.ShapeDtypeStruct`) carrying the shardings the
@@ -36,10 +44,10 @@ def _set_device_count(n: int) -> None:
 
 
 def parse_mesh(text: str | None) -> dict | None:
-    """`data=1,fsdp=8,tensor=1` -> {"data": 1, "fsdp": 8, "tensor": 1}."""
+    """`data=1,fsdp=8,tensor=1` -> {"data": 1, "fsdp": 8, "tensor": 1}; axes not named are 1."""
     if not text:
         return None
-    out = {}
+    out = {"data": 1, "fsdp": 1, "tensor": 1} if "=" in text else {}
     for part in text.split(","):
         name, _, size = part.partition("=")
         if not name or not size:
@@ -200,29 +208,110 @@ def format_table(r: dict, config_spec: str = "") -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+# Memory a chip offers, GiB (vendors' "GB" here are binary: an 80 GB A100 has 80 GiB), and
+# the share of it the step may take: 10% stays free for the runtime (CUDA context, cuDNN/NCCL
+# workspaces, XLA's collective buffers, fragmentation), which memory_analysis does not count.
+CHIPS = (("GPU 16 GB", 16), ("GPU 24 GB", 24), ("GPU 40 GB", 40), ("GPU 80 GB", 80),
+         ("TPU 16 GB", 16), ("TPU 32 GB", 32))
+HEADROOM = 0.10
+
+
+def mesh_name(mesh: dict) -> str:
+    named = [f"{k}={v}" for k, v in mesh.items() if v != 1]
+    return ",".join(named) or "1 device"
+
+
+def summary_table(results: list[dict]) -> str:
+    """One row per mesh: bytes per device from memory_analysis, GiB."""
+    head = ["mesh", "devices", "global batch", "argument", "output", "alias", "temp", "total GiB"]
+    rows = [[mesh_name(r["mesh"]), str(r["devices"]), str(r["batch"])]
+            + [f"{r[k] / GiB:.2f}" for k in ("argument", "output", "alias", "temp", "total")] for r in results]
+    return _markdown(head, rows)
+
+
+def fits(result: dict, capacity_gib: float, headroom: float = HEADROOM) -> bool:
+    return result["total"] <= (1.0 - headroom) * capacity_gib * GiB
+
+
+def fit_table(results: list[dict], headroom: float = HEADROOM) -> str:
+    """Per mesh and chip: fits (total <= (1 - headroom) x capacity) or the shortfall."""
+    head = ["mesh", "total GiB"] + [name for name, _ in CHIPS]
+    rows = []
+    for r in results:
+        cells = ["yes" if fits(r, cap, headroom) else "no" for _, cap in CHIPS]
+        rows.append([mesh_name(r["mesh"]), f"{r['total'] / GiB:.2f}"] + cells)
+    return _markdown(head, rows)
+
+
+def _markdown(head, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def _mesh_size(mesh: dict | None) -> int:
+    import math
+
+    return math.prod(v for v in mesh.values() if v > 0) if mesh else 0
+
+
+def main(argv=None) -> dict | list[dict]:
+    """One mesh: returns its numbers (dict); several `--mesh`: a list of them, one per mesh."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python tools/plan.py", description=__doc__.splitlines()[0],
                                      epilog="--config SPEC and --config.a.b=value as for python -m rsvl_jax.train")
-    parser.add_argument("--devices", type=int, default=None, help="simulated CPU devices (default: JAX's devices)")
-    parser.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8,tensor=1 (default: the config's mesh)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="simulated CPU devices (default: JAX's devices; with --mesh, the largest mesh's)")
+    parser.add_argument("--mesh", action="append", default=None,
+                        help="e.g. data=1,fsdp=8,tensor=1; repeat for several meshes (default: the config's mesh)")
+    parser.add_argument("--per-device-batch", type=int, default=None,
+                        help="global batch = this x (data x fsdp) for each mesh (default: the config's batch_size)")
     parser.add_argument("--text-len", type=int, default=None,
                         help="text length of the batch (default: BITA max_txt_len, PIR's longest bucket)")
+    parser.add_argument("--fit", action="store_true", help="also print which meshes fit on which chips")
+    parser.add_argument("--json", default=None, help="write the raw numbers of every mesh to this file")
     from rsvl_jax.config import parse_cli
 
     config, rest = parse_cli(argv)
     args = parser.parse_args(rest)
     spec = next((a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
                  for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), "")
-    result = plan(config, parse_mesh(args.mesh), args.devices, args.text_len)
-    print(format_table(result, spec), flush=True)
-    return result
+    meshes = [parse_mesh(m) for m in args.mesh] if args.mesh else [None]
+    results = []
+    for mesh in meshes:
+        devices = args.devices if args.devices is not None and (mesh is None or len(meshes) == 1) else (
+            _mesh_size(mesh) or args.devices)
+        if args.per_device_batch:
+            dp = (mesh or {}).get("data", 1) * (mesh or {}).get("fsdp", 1) if mesh else (devices or 1)
+            config.unlock()
+            config.batch_size = args.per_device_batch * dp
+            config.lock()
+        result = plan(config, mesh, devices, args.text_len)
+        print(format_table(result, spec), flush=True)
+        results.append(result)
+    if len(results) > 1 or args.fit:
+        print(f"\nsummary {spec}: bytes per device (XLA memory_analysis), GiB", flush=True)
+        print(summary_table(results), flush=True)
+    if args.fit:
+        print(f"\nfits: total <= {1 - HEADROOM:.0%} of the chip's memory", flush=True)
+        print(fit_table(results), flush=True)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"config": spec, "argv": argv, "results": results}, f, indent=1)
+    return results[0] if len(results) == 1 else results
 
 
 if __name__ == "__main__":
     # Simulated devices must be set before JAX starts, so before rsvl_jax (flax imports JAX);
     # main() called from Python (tests) uses the first --devices of the devices JAX has.
+    count = 0
     for i, a in enumerate(sys.argv):
         if a == "--devices" and i + 1 < len(sys.argv) or a.startswith("--devices="):
-            _set_device_count(int(a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]))
+            count = max(count, int(a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]))
+        if a == "--mesh" and i + 1 < len(sys.argv) or a.startswith("--mesh="):
+            count = max(count, _mesh_size(parse_mesh(a.split("=", 1)[1] if a.startswith("--mesh=") else sys.argv[i + 1])))
+    if count:
+        _set_device_count(count)
     main()
