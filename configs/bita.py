@@ -121,6 +121,14 @@ def get_config(arg=None):
     # --- optimisation (§8) -----------------------------------------------------------------
     c.batch_size = s["batch"] * REFERENCE_GPUS  # global: 384 / 192 / 192
     c.eval_batch_size = s["eval_batch"] * REFERENCE_GPUS
+    # The reference's per-GPU batch: a block with its own dropout key and, in the LM stages,
+    # its own token-mean loss (DDP averages the GPUs' means), whatever our mesh is.
+    c.reference_device_batch = s["batch"]
+    # The global batch in smaller pieces, same result (see configs/pir.py): GradCache chunks
+    # for stage 1's contrastive loss, optax.MultiSteps micro-batches for the LM stages (steps
+    # then count micro-batches).
+    c.chunk_size = 0
+    c.accumulate_steps = 1
     c.epochs = s["epochs"]
     c.optim = ConfigDict()
     c.optim.init_lr = s["init_lr"]
@@ -169,6 +177,7 @@ def get_config(arg=None):
         c.data.opt_tokenizer = "data/synthetic_opt_tokenizer"
         c.batch_size = 32
         c.eval_batch_size = 30
+        c.reference_device_batch = 8
         c.epochs = 3 if arg.stage != "caption" else 5
         c.optim.init_lr, c.optim.min_lr, c.optim.warmup_lr, c.optim.warmup_steps = 1e-3, 1e-4, 1e-5, 20
         c.log_every = 10

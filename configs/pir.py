@@ -25,6 +25,8 @@ def get_config(arg=None):
     c.model.preset = "pir_swin_t"
     c.model.is_baseline = arg.baseline
     c.model.text_vocab_size = 0  # 0 = the preset's BERT vocabulary (30522 for bert-base-uncased)
+    c.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU); parameters, norms, softmax, losses stay float32
+    c.model.remat = False  # recompute each Swin block / BERT layer in the backward pass (less memory)
     # Reference quirks are mirrored by default (PIR.md §7); each flag turns on a fix.
     c.model.text_mask = False  # Q5: pass attention masks to BERT and LCA
     c.model.temp_clamp = False  # Q8: clamp temperatures to [0.001, 0.5] (X-VLM)
@@ -60,6 +62,10 @@ def get_config(arg=None):
     # BatchNorm statistics (Q3) are per GPU, so we compute them per shard of this size,
     # whatever our own mesh is. The schedule counts ceil(N / batch_size) steps per epoch (Q16).
     c.reference_device_batch = 128
+    # GradCache (the paper's batch on one device, same loss and gradients): embed the batch
+    # in chunks of this many examples (a multiple of reference_device_batch), keeping one
+    # chunk's activations; 0 = the whole batch at once. 128 trains the batch of 256 on one GPU.
+    c.chunk_size = 0
     c.eval_batch_size = 128
     c.epochs = 50
     c.optim = ConfigDict()

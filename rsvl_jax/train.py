@@ -38,19 +38,10 @@ def make_train_step(graphdef, task: tasks.Task, tx: optax.GradientTransformation
     """The pure step `(trainable, frozen, mutable, rest, opt_state, batch, step) ->
     (trainable, mutable, opt_state, metrics)`. Only `trainable` is differentiated: frozen
     parameters are plain inputs, so XLA computes no gradient for them."""
-
-    def loss_of(trainable, frozen, mutable, rest, batch, step):
-        # copy=True: fresh Variables at this trace level (dropout advances its RNG counters).
-        model = nnx.merge(graphdef, trainable, frozen, mutable, rest, copy=True)
-        # Dropout keys come from (seed, step), so a resumed run draws the same masks and no
-        # RNG key object needs to be checkpointed.
-        nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(seed), step))
-        loss, metrics = task.loss(model, batch)
-        return loss, (metrics, nnx.state(model, nnx.BatchStat))
+    loss_and_grad = make_loss_and_grad(graphdef, task, seed)
 
     def step_fn(trainable, frozen, mutable, rest, opt_state, batch, step):
-        (loss, (metrics, mutable)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            trainable, frozen, mutable, rest, batch, step)
+        loss, metrics, mutable, grads = loss_and_grad(trainable, frozen, mutable, rest, batch, step)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
@@ -59,7 +50,108 @@ def make_train_step(graphdef, task: tasks.Task, tx: optax.GradientTransformation
     return step_fn
 
 
-def check_batch_sizes(config, mesh) -> None:
+def make_loss_and_grad(graphdef, task: tasks.Task, seed: int):
+    """`(trainable, frozen, mutable, rest, batch, step) -> (loss, metrics, mutable, grads)`:
+    the whole batch at once, in GradCache chunks (`task.chunk_size`), or one micro-batch of
+    an accumulated update (`task.accumulate_steps`); see `rsvl_jax.tasks.Task`.
+
+    Dropout keys come from (seed, update, block), so a resumed run draws the same masks, no
+    RNG key object needs to be checkpointed, and a block draws the same masks whether it runs
+    in the full batch, in a chunk or in a micro-batch."""
+    accum = task.accumulate_steps
+
+    def model_of(trainable, frozen, mutable, rest):
+        # copy=True: fresh Variables at this trace level (dropout advances its RNG counters).
+        return nnx.merge(graphdef, trainable, frozen, mutable, rest, copy=True)
+
+    def update_key(step):
+        return jax.random.fold_in(jax.random.key(seed), step // accum)
+
+    if task.embed is None:
+        def loss_of(trainable, frozen, mutable, rest, batch, step):
+            model = model_of(trainable, frozen, mutable, rest)
+            nnx.reseed(model, dropout=update_key(step))
+            loss, metrics = task.loss(model, batch)
+            return loss, (metrics, nnx.state(model, nnx.BatchStat))
+
+        def whole(trainable, frozen, mutable, rest, batch, step):
+            (loss, (metrics, mutable)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+                trainable, frozen, mutable, rest, batch, step)
+            return loss, metrics, mutable, grads
+
+        return whole
+
+    def embed_blocks(trainable, frozen, mutable, rest, blocks, ids, key):
+        """Blocks (n, block, ...) with ids (n,) -> representations stacked (n, ...) and the
+        batch statistics of the first block (the reference keeps rank 0's)."""
+        def one(block, i):
+            model = model_of(trainable, frozen, mutable, rest)
+            nnx.reseed(model, dropout=jax.random.fold_in(key, i))
+            return task.embed(model, block), nnx.state(model, nnx.BatchStat)
+
+        reps, stats = jax.vmap(one)(blocks, ids)
+        return reps, jax.tree.map(lambda s: s[0], stats)
+
+    def batch_loss(trainable, frozen, mutable, rest, reps, batch):
+        return task.batch_loss(model_of(trainable, frozen, mutable, rest), reps, batch)
+
+    def blockwise(trainable, frozen, mutable, rest, batch, step):
+        n = jax.tree.leaves(batch)[0].shape[0]
+        size = task.block_size or n
+        blocks = jax.tree.map(lambda x: x.reshape((n // size, size) + x.shape[1:]), batch)
+        ids = (step % accum) * (n // size) + jnp.arange(n // size)  # block ids within the update
+        key = update_key(step)
+        if task.chunk_size:
+            return _grad_cache(embed_blocks, batch_loss, (trainable, frozen, mutable, rest), blocks, ids, key,
+                               batch, chunks=n // task.chunk_size)
+
+        def loss_of(trainable):
+            reps, stats = embed_blocks(trainable, frozen, mutable, rest, blocks, ids, key)
+            loss, metrics = batch_loss(trainable, frozen, mutable, rest, reps, batch)
+            return loss, (metrics, stats)
+
+        (loss, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        return loss, metrics, stats, grads
+
+    return blockwise
+
+
+def _grad_cache(embed_blocks, batch_loss, model_parts, blocks, ids, key, batch, chunks: int):
+    """GradCache: the full-batch loss and gradient with one chunk's activations in memory.
+
+    1. Embed every chunk without keeping activations. 2. Take the loss of all representations
+    and its gradient with respect to them (and to the parameters the loss itself uses, e.g.
+    temperatures). 3. Re-run each chunk with the same dropout keys and back-propagate its slice
+    of that gradient; the sum over chunks is the full batch's parameter gradient. Chunk j holds
+    blocks j, j + chunks, j + 2 chunks, ..., so every chunk spans all data-parallel devices."""
+    trainable, frozen, mutable, rest = model_parts
+    per_chunk = ids.shape[0] // chunks
+
+    def to_chunks(x):  # (blocks, ...) -> (chunks, blocks per chunk, ...)
+        return x.reshape((per_chunk, chunks) + x.shape[1:]).swapaxes(0, 1)
+
+    def from_chunks(x):
+        return x.swapaxes(0, 1).reshape((per_chunk * chunks,) + x.shape[2:])
+
+    c_blocks, c_ids = jax.tree.map(to_chunks, blocks), to_chunks(ids)
+    frozen_trainable = jax.lax.stop_gradient(trainable)
+    reps, stats = jax.lax.map(lambda xs: embed_blocks(frozen_trainable, frozen, mutable, rest, *xs, key),
+                              (c_blocks, c_ids))
+    reps, stats = jax.tree.map(from_chunks, reps), jax.tree.map(lambda s: s[0], stats)  # chunk 0 has block 0
+    (loss, metrics), (grads, d_reps) = jax.value_and_grad(
+        lambda t, r: batch_loss(t, frozen, mutable, rest, r, batch), argnums=(0, 1), has_aux=True)(trainable, reps)
+
+    def backward(acc, xs):
+        chunk_blocks, chunk_ids, d_chunk = xs
+        _, vjp = jax.vjp(lambda t: embed_blocks(t, frozen, mutable, rest, chunk_blocks, chunk_ids, key)[0],
+                         trainable)
+        return jax.tree.map(jnp.add, acc, vjp(d_chunk)[0]), None
+
+    grads, _ = jax.lax.scan(backward, grads, (c_blocks, c_ids, jax.tree.map(to_chunks, d_reps)))
+    return loss, metrics, stats, grads
+
+
+def check_batch_sizes(config, mesh, accum: int = 1) -> None:
     """Batch sizes the mesh or the hosts cannot split, said in the user's terms."""
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
     dp = int(np.prod([sizes.get(a, 1) for a in parallel.BATCH_AXES]))
@@ -68,11 +160,13 @@ def check_batch_sizes(config, mesh) -> None:
         value = config[key]
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+        what, value = (key, value) if key != "batch_size" or accum == 1 else (
+            f"batch_size / accumulate_steps = {value}/{accum}", value // accum)
         if value % devices:
-            raise ConfigError(f"{key}={value} is not divisible by the {devices} data-parallel devices "
+            raise ConfigError(f"{what}={value} is not divisible by the {devices} data-parallel devices "
                               f"(mesh data x fsdp); use a multiple of {devices}")
         if value % hosts:
-            raise ConfigError(f"{key}={value} is not divisible by the {hosts} processes")
+            raise ConfigError(f"{what}={value} is not divisible by the {hosts} processes")
 
 
 class Preemption:
@@ -161,7 +255,7 @@ def train(config, command: str | None = None) -> dict:
     # ===================================================================== mesh
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(config.mesh)
-    check_batch_sizes(config, mesh)
+    check_batch_sizes(config, mesh, task.accumulate_steps)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -174,7 +268,8 @@ def train(config, command: str | None = None) -> dict:
     with jax.set_mesh(mesh), parallel.axis_rules(rules):
         # ================================================================= data
         data = task.open_data()
-        loader = task.train_loader(data, config.batch_size // jax.process_count())
+        accum = task.accumulate_steps  # the loop's steps are micro-batches when > 1
+        loader = task.train_loader(data, config.batch_size // accum // jax.process_count())
         steps_per_epoch = loader.steps_per_epoch
         total_steps = steps_per_epoch * config.epochs
         if config.max_steps > 0:
@@ -185,7 +280,9 @@ def train(config, command: str | None = None) -> dict:
         for line in task.load_frozen(model):
             say(line)
         graphdef, trainable, frozen, mutable, rest = split_model(model, task)
-        tx, schedule = task.optimizer(trainable, steps_per_epoch, loader.num_items)
+        tx, schedule = task.optimizer(trainable, steps_per_epoch // accum, loader.num_items)
+        if accum > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=accum)
         opt_shardings = parallel.shardings_for_tree(jax.eval_shape(tx.init, trainable), mesh, rules)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
 
@@ -234,7 +331,7 @@ def train(config, command: str | None = None) -> dict:
                 trainable, mutable, opt_state, metrics = run_step(
                     trainable, frozen, mutable, rest, opt_state, batch, jnp.asarray(step, jnp.int32))
                 step += 1
-                seen += config.batch_size
+                seen += config.batch_size // accum
                 progress.update(1)
                 end_of_epoch = step % steps_per_epoch == 0
                 record = {}
@@ -247,7 +344,7 @@ def train(config, command: str | None = None) -> dict:
                             f"non-finite loss or gradient at step {step}: {metrics}; the last good "
                             f"checkpoint in {workdir}/checkpoints is kept")
                     record = {"step": step, "epoch": step / steps_per_epoch,
-                              "lr": float(schedule(step - 1)),
+                              "lr": float(schedule((step - 1) // accum)),
                               "images_per_s": seen / (time.time() - t0),
                               **{k: float(v) for k, v in metrics.items()}}
                     t0, seen = time.time(), 0

@@ -32,7 +32,7 @@ from flax import nnx
 from rsvl_jax import checkpoint, parallel
 from rsvl_jax.config import ConfigError, check_choice, parse_cli, print_help
 
-TASKS = ("pir", "bita")
+TASKS = ("pir", "bita", "clip")
 
 Metrics = dict[str, float]
 
@@ -54,7 +54,19 @@ class Task:
     train_loader: Callable[[Any, int], Any]  # (data, per-host batch) -> iterator with state
     optimizer: Callable[[nnx.State, int, int], tuple[optax.GradientTransformation, optax.Schedule]]
     #          (trainable params, steps per epoch, training items) -> (tx, lr schedule of the step)
-    loss: Callable[[nnx.Module, dict], tuple[jax.Array, dict]]  # inside the jitted step
+    # The loss of one batch, in one of two forms. `embed` + `batch_loss`: the batch runs as
+    # blocks of `block_size` examples (the reference's per-device batch: each block has its own
+    # dropout key and batch statistics, as each GPU had), `embed(model, block)` gives a block's
+    # representations and `batch_loss(model, reps, batch)` the loss from all of them (stacked
+    # by block, see `merge_blocks`). This form lets the trainer chunk the batch (GradCache,
+    # `chunk_size`) and accumulate it (`accumulate_steps`) with the full batch's result.
+    # `loss(model, batch)`: the whole batch at once, for tasks that need neither.
+    embed: Callable[[nnx.Module, dict], Any] | None = None
+    batch_loss: Callable[[nnx.Module, Any, dict], tuple[jax.Array, dict]] | None = None
+    loss: Callable[[nnx.Module, dict], tuple[jax.Array, dict]] | None = None
+    block_size: int = 0  # examples per block; 0 = the whole batch
+    chunk_size: int = 0  # examples per GradCache chunk (a multiple of block_size); 0 = off
+    accumulate_steps: int = 1  # optax.MultiSteps: micro-batches per update (per-block losses only)
     # -- evaluation ------------------------------------------------------------------------
     evaluate: Callable[[nnx.Module, Any, str, int], Metrics] | None = None  # (model, data, split, step)
     eval_splits: tuple[str, ...] = ()  # evaluated every `eval_every_epochs` epochs
@@ -83,6 +95,35 @@ class Task:
         """`val_r_mean 12.30  test_r_mean 11.00` for the keys of the table, in order."""
         keys = [k for k in metrics if k.split("_", 1)[-1] in self.metric_keys]
         return "  ".join(f"{k} {format(metrics[k], self.metric_format).strip()}" for k in keys)
+
+
+def merge_blocks(reps):
+    """Block-stacked representations (blocks, block_size, ...) -> (batch, ...) in batch order."""
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), reps)
+
+
+def batch_layout(config, *, block: int, coupled: bool) -> dict:
+    """The `Task` fields `block_size`, `chunk_size`, `accumulate_steps` from the config's
+    `chunk_size` and `accumulate_steps`, checked. `coupled`: the loss compares every example
+    with the whole batch (contrastive), so accumulation would change it; chunking does not."""
+    accum = int(config.get("accumulate_steps", 1))
+    chunk = int(config.get("chunk_size", 0))
+    batch = config.batch_size
+    if accum < 1 or batch % accum:
+        raise ConfigError(f"accumulate_steps={accum} must be >= 1 and divide batch_size={batch}")
+    if accum > 1 and coupled:
+        raise ConfigError(f"accumulate_steps={accum}: the {config.task} loss compares each example with the "
+                          "whole batch, so accumulating smaller batches changes it; use chunk_size instead")
+    step_batch = batch // accum
+    if not block or step_batch % block:
+        if block and accum > 1:
+            raise ConfigError(f"batch_size / accumulate_steps = {step_batch} is not a multiple of "
+                              f"reference_device_batch={block}")
+        block = step_batch
+    if chunk < 0 or (chunk and (chunk % block or step_batch % chunk)):
+        raise ConfigError(f"chunk_size={chunk} must be a multiple of the block of {block} examples "
+                          f"(reference_device_batch) that divides the batch of {step_batch}; 0 = off")
+    return {"block_size": block, "chunk_size": 0 if chunk == step_batch else chunk, "accumulate_steps": accum}
 
 
 def get(config) -> Task:

@@ -24,7 +24,7 @@ from rsvl_jax.convert import opt as opt_convert
 from rsvl_jax.eval import captioning
 from rsvl_jax.models import bita as bita_lib
 from rsvl_jax.parallel import all_hosts, eval_batch, main_process_first, replicated
-from rsvl_jax.tasks import Task
+from rsvl_jax.tasks import Task, batch_layout, merge_blocks
 
 STAGES = {"1": 1, "2": 2, "caption": 3}
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "agg_metrics",
@@ -205,17 +205,31 @@ def make_optimizer(config, bcfg, stage: int, params, steps_per_epoch: int):
     return tx, schedule
 
 
-def make_loss(stage: int, prompt_length: int):
-    def loss_fn(model, batch):
+def make_embed(stage: int, prompt_length: int):
+    """One block in training mode: stage 1, its query and text features; the LM stages, its
+    token-mean loss. The batch loss of the LM stages is the mean over blocks, as DDP averages
+    the reference GPUs' own token means (mirrored; the one-block batch of a parity test is
+    unchanged), which also makes accumulation over micro-batches of whole blocks exact."""
+    def embed(model, block):
         if stage == 1:
-            loss, aux = model.itc_loss(batch["image"], batch["text_ids"], batch["text_mask"], deterministic=False)
-            return loss, {"temp": aux["temp"]}
+            return (model.image_features(block["image"], deterministic=False),
+                    model.text_features(block["text_ids"], block["text_mask"], deterministic=False))
         # deterministic=False also runs the frozen OPT's dropout (Q13, mirrored)
-        loss, _ = model.lm_loss(batch["image"], batch["text_ids"], batch["text_mask"],
+        loss, _ = model.lm_loss(block["image"], block["text_ids"], block["text_mask"],
                                 prompt_length=prompt_length, deterministic=False)
-        return loss, {}
+        return loss
 
-    return loss_fn
+    return embed
+
+
+def make_batch_loss(stage: int):
+    def batch_loss(model, reps, batch):
+        if stage == 1:
+            loss, aux = model.bridge.itc(*merge_blocks(reps))
+            return loss, {"temp": aux["temp"]}
+        return jnp.mean(reps), {}
+
+    return batch_loss
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,7 +459,9 @@ def make(config) -> Task:
         open_data=lambda: main_process_first(lambda: open_data(config, stage)),
         train_loader=lambda data, batch: train_loader(config, bcfg, stage, tokenizer, data, batch),
         optimizer=lambda params, steps, _: make_optimizer(config, bcfg, stage, params, steps),
-        loss=make_loss(stage, prompt_length),
+        embed=make_embed(stage, prompt_length),
+        batch_loss=make_batch_loss(stage),
+        **batch_layout(config, block=config.reference_device_batch, coupled=stage == 1),
         evaluate=(lambda model, data, split, step: evaluate(model, data, split, step, config=config,
                                                            tokenizer=tokenizer, gen=gen)) if stage == 3 else None,
         eval_splits=tuple(config.eval_splits) if evaluating else (),

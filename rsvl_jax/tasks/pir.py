@@ -17,7 +17,7 @@ from rsvl_jax.convert import pir as pir_convert
 from rsvl_jax.eval.retrieval import itm_metrics
 from rsvl_jax.models import pir as pir_lib
 from rsvl_jax.parallel import all_hosts, eval_batch, fetch_replicated, main_process_first, replicated
-from rsvl_jax.tasks import Task
+from rsvl_jax.tasks import Task, batch_layout, merge_blocks
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 LOSS_KINDS = ("contrastive", "triplet")
@@ -40,7 +40,8 @@ def model_config(config) -> pir_lib.PIRConfig:
         temp_clamp=True if m.temp_clamp else None, prior_bn_mode=m.prior_bn_mode,
         sort_on_logits=m.sort_on_logits,
         use_affil_loss=config.loss.affiliation_weight > 0 and not m.is_baseline,
-        use_triplet_loss=config.loss.kind == "triplet")
+        use_triplet_loss=config.loss.kind == "triplet").with_precision(m.get("dtype", "float32"),
+                                                                       bool(m.get("remat", False)))
 
 
 def load_backbones(model: pir_lib.PIR, config) -> list[str]:
@@ -84,16 +85,23 @@ def make_optimizer(config, mcfg: pir_lib.PIRConfig, params, num_items: int):
     return tx, schedule
 
 
-def make_loss(config):
-    """Contrastive (or triplet) plus the affiliation loss of one batch (PIR.md §3)."""
+def embed(model: pir_lib.PIR, block):
+    """One block's image and text embeddings, in training mode (dropout, the prior's BN in
+    batch-statistics mode over the block: per GPU in the reference, Q3)."""
+    img, _ = model.encode_image(block["image"], deterministic=False, train_prior_bn=True)
+    txt, _ = model.encode_text(block["input_ids"], deterministic=False)
+    return img, txt
+
+
+def make_batch_loss(config):
+    """Contrastive (or triplet) plus the affiliation loss over the whole batch (PIR.md §3)."""
     w_affil = float(config.loss.affiliation_weight)
     triplet = config.loss.kind == "triplet"
     # The reference's affiliation centres are per GPU (Q9): one group per reference device batch.
     num_shards = max(1, config.batch_size // config.reference_device_batch)
 
-    def loss_fn(model: pir_lib.PIR, batch):
-        img, _ = model.encode_image(batch["image"], deterministic=False, train_prior_bn=True)
-        txt, _ = model.encode_text(batch["input_ids"], deterministic=False)
+    def batch_loss(model: pir_lib.PIR, reps, batch):
+        img, txt = merge_blocks(reps)
         temp, temp2 = model.temperatures()
         metrics = {}
         if triplet:
@@ -108,7 +116,7 @@ def make_loss(config):
             loss = loss + w_affil * metrics["loss_affil"]
         return loss, metrics
 
-    return loss_fn
+    return batch_loss
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,7 +367,9 @@ def make(config) -> Task:
         open_data=open_checked,
         train_loader=partial(train_loader, config),
         optimizer=lambda params, steps_per_epoch, num_items: make_optimizer(config, mcfg, params, num_items),
-        loss=make_loss(config),
+        embed=embed,
+        batch_loss=make_batch_loss(config),
+        **batch_layout(config, block=config.reference_device_batch, coupled=True),
         evaluate=lambda model, data, split, step: retrieval(model, data, split, config),
         eval_splits=splits,
         best_metrics=tuple(f"{s}_r_mean" for s in splits),
