@@ -9,6 +9,42 @@ Configs: ``karpathy`` = the official annotation file (NWPU's ``official``; "karp
 accepted as its alias), ``pir`` = PIR's lists (rsicd, rsitmd), ``bita`` = BITA's lists (rsicd,
 ucm_captions, nwpu_captions, sydney_captions); synthetic: tiny, demo, caption_demo, large or
 ``synthetic_config(...)``.
+
+A corpus of RS5M size (5 million image-text pairs), on paper. One machine cannot build it in
+reasonable time, and the builders here generate examples in one Python process; TFDS's Apache
+Beam support spreads the same builder over many workers:
+
+* Build. ``_generate_examples`` returns a Beam ``PTransform`` instead of yielding examples:
+  ``beam = tfds.core.lazy_imports.apache_beam``; ``beam.Create(list_of_parquet_or_tar_shards)
+  | beam.FlatMap(read_shard) | beam.Map(to_example)``, each element a ``(unique_key, example)``
+  pair as in the generator builders (the key fixes the order, so the build is deterministic).
+  TFDS shuffles by key and writes the split as numbered shard files itself (sharded writing;
+  no shard count to choose), one per output file of the pipeline's final write stage.
+* Run. ``tfds build rs5m --data_dir=gs://bucket/tensorflow_datasets --file_format=array_record
+  --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,job_name=rs5m-build,
+  staging_location=gs://bucket/binaries,temp_location=gs://bucket/temp,
+  requirements_file=/tmp/beam_requirements.txt"`` (the requirements file names this package
+  for the workers); ``runner=FlinkRunner,flink_master=host:8081`` (or ``SparkRunner``) for an
+  own cluster; the default ``DirectRunner`` runs locally. From Python, the same options go
+  into ``download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=
+  beam.options.pipeline_options.PipelineOptions(flags=[...])), file_format="array_record")``.
+* Format. ``array_record`` (what ``build`` here writes too) stores records with an index, so a
+  reader can fetch record *i* of the split without scanning: random access is what grain's
+  global shuffle needs. (TFRecord only streams.) Images stay encoded (JPEG/PNG bytes) in the
+  records; decoding happens in the input pipeline.
+* Read, on every host. ``builder.as_data_source("train")`` (or
+  ``grain.python.ArrayRecordDataSource(paths of the split's shard files)``) is one random-access
+  source over all shards; every host opens the same files. ``grain.python.IndexSampler(
+  num_records=len(source), shard_options=grain.python.ShardByJaxProcess(drop_remainder=True),
+  shuffle=True, num_epochs=1, seed=seed)`` gives each host a disjoint 1/process_count of a
+  global permutation (``ShardOptions(shard_index, shard_count, drop_remainder)`` for a layout
+  of one's own); ``grain.python.DataLoader(data_source=..., sampler=..., operations=[decode,
+  augment, tokenize, Batch(per_host_batch, drop_remainder=True)], worker_count=N,
+  read_options=grain.python.ReadOptions(num_threads=..., prefetch_buffer_size=...))`` runs the
+  transforms in N worker processes per host (about the host's cores minus those feeding the
+  accelerators). The loader's state (``get_state``) is a few integers per host, saved with each
+  checkpoint as ``rsvl_jax/data/pipeline.py`` does; each host then builds its global-batch
+  slice with ``jax.make_array_from_process_local_data``.
 """
 from __future__ import annotations
 
