@@ -153,6 +153,9 @@ def get_config(arg=None):
 
     # --- logging / evaluation / checkpoints ------------------------------------------------
     c.log_every = 50
+    # Every evaluation also writes its HTML report to <workdir>/reports/<split>_step<N>/ and
+    # sends the first this many of its pictures to TensorBoard; 0 = metrics only.
+    c.tensorboard_images = 8
     # Pre-training evaluates nothing and its output is the last epoch (Q11); the caption
     # fine-tune evaluates val every epoch, keeps the best CIDEr + BLEU-4, then tests it.
     c.eval_every_epochs = 1 if arg.stage == "caption" else 0
@@ -161,6 +164,9 @@ def get_config(arg=None):
     c.best_metric = "val_agg_metrics" if arg.stage == "caption" else None
     c.keep_checkpoints = 2
     c.checkpoint_every_steps = 500
+    # XLA's persistent compile cache: the next start of the same step (a resume, evaluate) skips
+    # compiling. None = $RSVL_COMPILE_CACHE or ~/.cache/rsvl_jax/xla; "" = off.
+    c.compile_cache_dir = None
     c.max_steps = -1
 
     if arg.demo:

@@ -62,6 +62,7 @@ def get_config(arg=None):
     # --- optimisation ----------------------------------------------------------------------
     c.batch_size = 128
     c.eval_batch_size = 128
+    c.chunk_size = 0  # GradCache chunks (any divisor of batch_size): the same loss in less memory; 0 = off
     c.epochs = 10
     c.optim = ConfigDict()
     c.optim.lr = 1e-5
@@ -91,6 +92,7 @@ def get_config(arg=None):
     c.eval_splits = ("val", "test")
     c.keep_checkpoints = 2
     c.checkpoint_every_steps = 500
+    c.compile_cache_dir = None  # None = $RSVL_COMPILE_CACHE or ~/.cache/rsvl_jax/xla; "" = off
     c.max_steps = -1
 
     if arg.demo:

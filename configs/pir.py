@@ -93,10 +93,16 @@ def get_config(arg=None):
 
     # --- logging / checkpoints -------------------------------------------------------------
     c.log_every = 10
+    # Every evaluation also writes its HTML report to <workdir>/reports/<split>_step<N>/ and
+    # sends the first this many of its pictures to TensorBoard; 0 = metrics only.
+    c.tensorboard_images = 8
     c.eval_every_epochs = 1
     c.eval_splits = ("val", "test")
     c.keep_checkpoints = 2
     c.checkpoint_every_steps = 500  # also at every epoch end and on SIGTERM/SIGINT; 0 = epoch ends only
+    # XLA's persistent compile cache: the next start of the same step (a resume, evaluate) skips
+    # compiling. None = $RSVL_COMPILE_CACHE or ~/.cache/rsvl_jax/xla; "" = off.
+    c.compile_cache_dir = None
     c.max_steps = -1  # stop early (tests, smoke runs); -1 = all epochs
 
     if arg.demo:

@@ -262,11 +262,14 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
 def enable_compile_cache(directory: str | None = None) -> str | None:
     """JAX's persistent compilation cache, so re-running a command (a resume, an evaluation,
     the next stage) reuses the compiled step instead of compiling it again (tens of seconds
-    for PIR's step on a CPU). `RSVL_COMPILE_CACHE` sets the directory; "0" turns it off."""
-    directory = directory or os.environ.get("RSVL_COMPILE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "rsvl_jax", "xla")
-    if directory == "0":
+    for PIR's step on a CPU). `directory` is the config's `compile_cache_dir`: None means
+    `RSVL_COMPILE_CACHE` or ~/.cache/rsvl_jax/xla; "" (or "0") turns the cache off."""
+    if directory is None:
+        directory = os.environ.get("RSVL_COMPILE_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "rsvl_jax", "xla")
+    if directory in ("", "0"):
         return None
+    directory = os.path.expanduser(directory)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return directory

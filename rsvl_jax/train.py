@@ -98,7 +98,7 @@ def make_loss_and_grad(graphdef, task: tasks.Task, seed: int):
     def blockwise(trainable, frozen, mutable, rest, batch, step):
         n = jax.tree.leaves(batch)[0].shape[0]
         size = task.block_size or n
-        blocks = jax.tree.map(lambda x: x.reshape((n // size, size) + x.shape[1:]), batch)
+        blocks = _spread(jax.tree.map(lambda x: x.reshape((n // size, size) + x.shape[1:]), batch), lead=1)
         ids = (step % accum) * (n // size) + jnp.arange(n // size)  # block ids within the update
         key = update_key(step)
         if task.chunk_size:
@@ -114,6 +114,14 @@ def make_loss_and_grad(graphdef, task: tasks.Task, seed: int):
         return loss, metrics, stats, grads
 
     return blockwise
+
+
+def _spread(tree, lead: int):
+    """Every block split over all data-parallel devices (the `lead` dims before the examples
+    replicated): the layout the models' own "batch" constraints give each vmapped block, so
+    XLA never has to re-shard activations between the two."""
+    return jax.tree.map(lambda x: parallel.constrain(x, (None,) * lead + ("batch",) + (None,) * (x.ndim - lead - 1)),
+                        tree)
 
 
 def _grad_cache(embed_blocks, batch_loss, model_parts, blocks, ids, key, batch, chunks: int):
@@ -133,7 +141,7 @@ def _grad_cache(embed_blocks, batch_loss, model_parts, blocks, ids, key, batch, 
     def from_chunks(x):
         return x.swapaxes(0, 1).reshape((per_chunk * chunks,) + x.shape[2:])
 
-    c_blocks, c_ids = jax.tree.map(to_chunks, blocks), to_chunks(ids)
+    c_blocks, c_ids = _spread(jax.tree.map(to_chunks, blocks), lead=2), to_chunks(ids)
     frozen_trainable = jax.lax.stop_gradient(trainable)
     reps, stats = jax.lax.map(lambda xs: embed_blocks(frozen_trainable, frozen, mutable, rest, *xs, key),
                               (c_blocks, c_ids))
@@ -241,6 +249,23 @@ class MetricsLog:
                     group = "eval" if k.startswith(self.eval_prefixes) else "train"
                     self.writer.add_scalar(f"{group}/{k}", v, record["step"])
 
+    def images(self, split: str, step: int, report_dir: str, limit: int) -> None:
+        """The first `limit` pictures of an evaluation report page, in page order (plots first,
+        then the worst queries or captions), as TensorBoard image summaries."""
+        page = os.path.join(report_dir, "index.html")
+        if self.writer is None or not os.path.exists(page):
+            return
+        import re
+
+        from PIL import Image
+
+        with open(page) as f:
+            sources = list(dict.fromkeys(re.findall(r'<img[^>]*\ssrc="([^"]+)"', f.read())))
+        for src in sources[:limit]:
+            with Image.open(os.path.join(report_dir, src)) as im:
+                pixels = np.asarray(im.convert("RGB"))
+            self.writer.add_image(f"{split}/{os.path.splitext(src)[0]}", pixels, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -306,6 +331,7 @@ def train(config, command: str | None = None) -> dict:
         # ================================================================= step
         step_fn = jax.jit(make_train_step(graphdef, task, tx, config.seed), donate_argnums=(0, 2, 4))
         compiled = set()  # batch shapes compiled so far
+        cache = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
 
         def run_step(*args):
             """With several hosts, compiles each new batch shape ahead of time and waits for the
@@ -313,14 +339,21 @@ def train(config, command: str | None = None) -> dict:
             still compiling on a loaded machine makes the others miss gloo's 30 s set-up
             deadline). The run then reuses that compilation through the persistent cache."""
             shapes = tuple(x.shape for x in jax.tree.leaves(args[5]))
-            if jax.process_count() > 1 and shapes not in compiled:
+            if shapes in compiled:
+                return step_fn(*args)
+            say(f"compiling the train step for batch shapes {sorted(set(shapes))} ...")
+            t = time.time()
+            if jax.process_count() > 1:
                 step_fn.lower(*args).compile()
                 parallel.host_barrier("compiled")
-                compiled.add(shapes)
-            return step_fn(*args)
+            out = jax.block_until_ready(step_fn(*args))
+            compiled.add(shapes)
+            say(f"  compiled and ran it in {time.time() - t:.1f} s (compile cache: {cache or 'off'})")
+            return out
 
         # ================================================================= loop
         log = MetricsLog(workdir, step, is_main, task.eval_splits)
+        images = int(config.get("tensorboard_images", 0))
         last_eval: dict = {}
         every = config.checkpoint_every_steps
         t0, seen = time.time(), 0
@@ -357,7 +390,12 @@ def train(config, command: str | None = None) -> dict:
                     current = nnx.merge(graphdef, trainable, frozen, mutable, rest)
                     parallel.host_barrier("eval")
                     for split in task.eval_splits:
-                        res = task.evaluate(current, data, split, step)
+                        if images and task.report is not None:  # the same pass, plus its pictures
+                            out = os.path.join(workdir, "reports", f"{split}_step{step}")
+                            res = task.report(current, data, split, step, out)
+                            log.images(split, step, out, images)
+                        else:
+                            res = task.evaluate(current, data, split, step)
                         eval_metrics.update({f"{split}_{k}": v for k, v in res.items()})
                     last_eval = eval_metrics
                     if is_main:
@@ -433,7 +471,7 @@ def main(argv=None) -> int:
     config, rest = parse_cli(argv)
     if rest:
         raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
-    parallel.enable_compile_cache()
+    parallel.enable_compile_cache(config.get("compile_cache_dir"))
     for earlier in stages_first(config, argv):
         train(earlier)
     train(config, command=" ".join(a for a in argv))

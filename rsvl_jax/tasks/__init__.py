@@ -190,5 +190,5 @@ def parse_entry(parser, argv):
         args = parser.parse_args(rest)
     except SystemExit as e:  # argparse printed its one-line usage error
         return int(e.code or 0)
-    parallel.enable_compile_cache()
+    parallel.enable_compile_cache(config.get("compile_cache_dir"))
     return config, args, get(config)

@@ -25,6 +25,7 @@ from rsvl_jax.eval import captioning
 from rsvl_jax.models import bita as bita_lib
 from rsvl_jax.parallel import all_hosts, eval_batch, main_process_first, replicated
 from rsvl_jax.tasks import Task, batch_layout, merge_blocks
+from rsvl_jax.tasks.datasets import data_dir
 
 STAGES = {"1": 1, "2": 2, "caption": 3}
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "agg_metrics",
@@ -242,10 +243,6 @@ class CaptionData:
     most_common_caption: str | None  # the trivial baseline (synthetic data)
 
 
-def _data_dir(config) -> str:
-    return config.data.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "rsvl_jax", "datasets")
-
-
 def open_data(config, stage: int) -> CaptionData:
     from rsvl_jax.data import builders
 
@@ -258,7 +255,7 @@ def open_data(config, stage: int) -> CaptionData:
     for name in names:
         manual = None if name == "synthetic" else (
             os.path.join(d.manual_dir, name) if len(names) > 1 else d.manual_dir)
-        builder = builders.build(name, _data_dir(config),
+        builder = builders.build(name, data_dir(config),
                                  config=d.synthetic_config if name == "synthetic" else d.annotations,
                                  manual_dir=manual, on_error=d.on_error)
         train[name] = builders.open_split(builder, "train")

@@ -10,7 +10,6 @@ temperature `logit_scale` (clamped at 100), optionally with a frozen tower.
 from __future__ import annotations
 
 import dataclasses
-import os
 from functools import partial
 
 import jax
@@ -24,7 +23,8 @@ from rsvl_jax.convert import from_pytorch
 from rsvl_jax.eval.retrieval import itm_metrics
 from rsvl_jax.models import clip as clip_lib
 from rsvl_jax.parallel import all_hosts, eval_batch, fetch_replicated, main_process_first, replicated
-from rsvl_jax.tasks import Task
+from rsvl_jax.tasks import Task, batch_layout, merge_blocks
+from rsvl_jax.tasks.datasets import RetrievalData, open_retrieval
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "zs_acc")
 DATASETS = ("rsicd", "rsitmd", "synthetic", "ucm_captions", "sydney_captions", "nwpu_captions")
@@ -93,33 +93,25 @@ def contrastive_loss(logits, idx=None):
     return 0.5 * (i2t + t2i)
 
 
-def make_loss(config):
+def embed(model: clip_lib.CLIP, block):
+    return model.encode_image(block["image"])[0], model.encode_text(block["input_ids"])[0]
+
+
+def make_batch_loss(config):
     same_image = bool(config.loss.same_image_positives)
 
-    def loss_fn(model: clip_lib.CLIP, batch):
-        img, _ = model.encode_image(batch["image"])
-        txt, _ = model.encode_text(batch["input_ids"])
+    def batch_loss(model: clip_lib.CLIP, reps, batch):
+        img, txt = merge_blocks(reps)
         scale = model.scale()
         loss = contrastive_loss(scale * img @ txt.T, batch["idx"] if same_image else None)
         return loss, {"loss_itc": loss, "logit_scale": scale}
 
-    return loss_fn
+    return batch_loss
 
 
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class RetrievalData:
-    tokenizer: object
-    splits: dict  # split name -> random-access source
-    class_names: list
-
-
-def data_dir(config) -> str:
-    return config.data.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "rsvl_jax", "datasets")
-
-
 def load_tokenizer(config):
     from rsvl_jax.data import clip_text
 
@@ -130,24 +122,10 @@ def load_tokenizer(config):
 
 
 def open_data(config) -> RetrievalData:
-    """Builds (once) and opens the dataset with our TFDS builders; the tokenizer from local files."""
-    from rsvl_jax.data import builders
-
+    """The configured dataset from our TFDS builders; the tokenizer from local files."""
     d = config.data
-    if d.name == "synthetic":
-        n_eval = d.synthetic_eval_images
-        builder = builders.build("synthetic", data_dir(config), config=builders.synthetic_config(
-            d.synthetic_train_images, n_eval, n_eval, image_size=d.image_size, seed=config.seed))
-    else:
-        if not d.manual_dir:
-            raise ConfigError(f"set --config.data.manual_dir to your {d.name} folder "
-                              "(annotation JSON and images; see rsvl_jax/data/builders)")
-        layout = d.split_config or ("pir" if d.name in ("rsicd", "rsitmd") else "karpathy")
-        builder = builders.build(d.name, data_dir(config), config=layout, manual_dir=d.manual_dir,
-                                 on_error=d.on_error)
-    tokenizer = load_tokenizer(config)
-    splits = {s: builders.open_split(builder, s) for s in builder.info.splits}
-    return RetrievalData(tokenizer, splits, builders.class_names(builder))
+    layout = d.split_config or ("pir" if d.name in ("rsicd", "rsitmd") else "karpathy")
+    return open_retrieval(config, layout, load_tokenizer(config))
 
 
 def _str(x) -> str:
@@ -171,7 +149,6 @@ def caption_text(raw, config) -> str:
 
 
 def train_loader(config, data: RetrievalData, batch_size: int):
-    from rsvl_jax.data import pipeline
     from rsvl_jax.data.transforms import TrainTransform
 
     if "train" not in data.splits:
@@ -399,7 +376,11 @@ def make(config) -> Task:
         open_data=open_checked,
         train_loader=partial(train_loader, config),
         optimizer=lambda params, steps_per_epoch, num_items: make_optimizer(config, params, steps_per_epoch),
-        loss=make_loss(config),
+        embed=embed,
+        batch_loss=make_batch_loss(config),
+        # CLIP has no dropout or batch statistics: blocks of one example, so GradCache can
+        # take any chunk size that divides the batch.
+        **batch_layout(config, block=1, coupled=True),
         evaluate=lambda model, data, split, step: evaluate(model, data, split, config),
         eval_splits=splits,
         best_metrics=tuple(f"{s}_r_mean" for s in splits),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from functools import partial
 
 import jax
@@ -18,6 +17,7 @@ from rsvl_jax.eval.retrieval import itm_metrics
 from rsvl_jax.models import pir as pir_lib
 from rsvl_jax.parallel import all_hosts, eval_batch, fetch_replicated, main_process_first, replicated
 from rsvl_jax.tasks import Task, batch_layout, merge_blocks
+from rsvl_jax.tasks.datasets import RetrievalData, open_retrieval
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 LOSS_KINDS = ("contrastive", "triplet")
@@ -122,38 +122,14 @@ def make_batch_loss(config):
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class RetrievalData:
-    tokenizer: object
-    splits: dict  # split name -> random-access source
-    class_names: list
-
-
-def data_dir(config) -> str:
-    return config.data.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "rsvl_jax", "datasets")
-
-
 def open_data(config) -> RetrievalData:
-    """Builds (once) and opens the configured dataset; loads the tokenizer from local files."""
-    from rsvl_jax.data import builders  # TFDS only where data is read (models import without it)
+    """The configured dataset (PIR's own JSON lists or Karpathy's); the BERT vocabulary from local files."""
     from rsvl_jax.data import text as text_lib
 
-    d = config.data
-    if d.name == "synthetic":
-        n_eval = d.synthetic_eval_images
-        builder = builders.build("synthetic", data_dir(config), config=builders.synthetic_config(
-            d.synthetic_train_images, n_eval, n_eval, image_size=d.image_size, seed=config.seed))
-    else:
-        if not d.manual_dir:
-            raise ConfigError(f"set --config.data.manual_dir to your {d.name} folder "
-                              "(annotation JSON and images; see rsvl_jax/data/builders)")
-        builder = builders.build(d.name, data_dir(config), config="pir" if d.pir_format else "karpathy",
-                                 manual_dir=d.manual_dir, on_error=d.on_error)
-    if not d.vocab:
+    if not config.data.vocab:
         raise ConfigError("set --config.data.vocab to a BERT vocabulary folder (e.g. bert-base-uncased)")
-    tokenizer = text_lib.load_bert_tokenizer(repo_path(d.vocab))
-    splits = {s: builders.open_split(builder, s) for s in builder.info.splits}
-    return RetrievalData(tokenizer, splits, builders.class_names(builder))
+    tokenizer = text_lib.load_bert_tokenizer(repo_path(config.data.vocab))
+    return open_retrieval(config, "pir" if config.data.pir_format else "karpathy", tokenizer)
 
 
 def train_transform(config):

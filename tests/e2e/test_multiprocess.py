@@ -1,6 +1,7 @@
 """Two local processes (gloo CPU collectives over 127.0.0.1), 2 CPU devices each, train the PIR
-demo exactly as one process with 4 devices does: same losses, parameters and evaluation; a
-checkpoint written by two processes restores in one, and one written by one resumes in two."""
+demo and a BITA caption stage exactly as one process with 4 devices does: same losses,
+parameters and evaluation; a checkpoint written by two processes restores in one, and one
+written by one resumes in two."""
 import json
 import os
 import pathlib
@@ -27,17 +28,23 @@ def _command(tmp_path, name, *extra):
             *tiny_overrides(tmp_path, name, *SMALL, *extra)]
 
 
+def _bita_command(tmp_path, stage, name, *extra):
+    return [sys.executable, "-m", "rsvl_jax.train", f"--config={REPO}/configs/bita.py:stage={stage},demo",
+            f"--config.workdir={tmp_path / name}", f"--config.data.data_dir={tmp_path / 'bita_data'}",
+            "--config.log_every=1", "--config.eval_batch_size=20", *extra]
+
+
 def _env(devices, **extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env.update(extra)
     return env
 
 
-def _run_processes(tmp_path, name, n, *extra, timeout=600):
+def _run_processes(tmp_path, name, n, *extra, timeout=600, command=None):
     """Starts `n` processes of one run, waits for all, kills them all on failure or timeout."""
     port = _free_port()
     logs = [open(tmp_path / f"{name}.{i}.log", "w") for i in range(n)]
-    procs = [subprocess.Popen(_command(tmp_path, name, *extra), cwd=REPO, stdout=logs[i], stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen(command or _command(tmp_path, name, *extra), cwd=REPO, stdout=logs[i], stderr=subprocess.STDOUT,
                               env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
                                        JAX_PROCESS_ID=str(i)))
              for i in range(n)]
@@ -99,3 +106,29 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     assert cont.returncode == 0, cont.stdout[-3000:] + cont.stderr[-3000:]
     _assert_same_run(tiny_config(tmp_path, "one", *SMALL, "--config.max_steps=6"),
                      tiny_config(tmp_path, "cont_two", *SMALL, "--config.max_steps=6"))
+
+
+def _run_one(command, devices=4):
+    result = subprocess.run(command, cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_train_a_bita_caption_stage_like_one(tmp_path):
+    """Caption fine-tuning (beam-search evaluation, tiny models) from one stage-2 run."""
+    _run_one(_bita_command(tmp_path, "1", "s1", "--config.max_steps=1"))
+    _run_one(_bita_command(tmp_path, "2", "s2", "--config.max_steps=1", f"--config.model.init_checkpoint={tmp_path / 's1'}"))
+    extra = (f"--config.model.init_checkpoint={tmp_path / 's2'}", "--config.max_steps=2")
+    _run_one(_bita_command(tmp_path, "caption", "one", *extra))
+    _run_processes(tmp_path, "two", 2, command=_bita_command(tmp_path, "caption", "two", *extra))
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2]
+    for step in one:
+        np.testing.assert_allclose(one[step]["loss"], two[step]["loss"], rtol=1e-5)
+    finals = [json.loads((tmp_path / run / "final_metrics.json").read_text()) for run in ("one", "two")]
+    assert finals[0].keys() == finals[1].keys() and "test_CIDEr" in finals[0]
+    for key in finals[0]:
+        np.testing.assert_allclose(finals[1][key], finals[0][key], rtol=1e-6, err_msg=key)
+    captions = [json.loads((tmp_path / run / "captions" / "test_step2.json").read_text()) for run in ("one", "two")]
+    assert [c["caption"] for c in captions[0]] == [c["caption"] for c in captions[1]]

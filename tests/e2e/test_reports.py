@@ -86,3 +86,37 @@ def test_a_missing_image_is_seen_as_broken(tmp_path):
     page = report.write_page(tmp_path / "p.html", "broken", '<div class="card"><img src="nowhere.jpg"></div>')
     rendered = browser.render(page, tmp_path / "p.png")
     assert rendered.images_state == "broken" and rendered.images_loaded == 0 and rendered.images_total == 1
+
+
+def _event_images(logdir):
+    """{tag: (height, width)} of the image summaries in TensorBoard event files (TFRecord
+    framing: length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for path in logdir.glob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    found[value.tag] = (value.image.height, value.image.width)
+    return found
+
+
+def test_training_sends_the_report_pictures_to_tensorboard(tmp_path):
+    from rsvl_jax import train
+
+    config = tiny_config(tmp_path, "run", "--config.data.synthetic_train_images=10", "--config.max_steps=3",
+                         "--config.tensorboard_images=3")
+    train.train(config)  # 50 captions, batch 16: the epoch ends at step 3, val and test are evaluated
+    for split in ("val", "test"):
+        out = tmp_path / "run" / "reports" / f"{split}_step3"
+        assert (out / "index.html").exists() and not browser.is_blank(out / "recall.png")
+    images = _event_images(tmp_path / "run" / "tensorboard")
+    assert len(images) == 6 and {"val/recall", "test/recall"} <= set(images), images
+    assert all(h > 0 and w > 0 for h, w in images.values())
