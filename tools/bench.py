@@ -52,6 +52,28 @@ def matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> fl
     return 2 * n**3 / timed(lambda: f(a), repeats)
 
 
+def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """The same measurement in PyTorch (float32, its current thread count): torch's MFU denominator."""
+    import torch
+
+    a = torch.randn(n, n)
+    a @ a
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def print_peaks(dtype=jnp.float32) -> tuple[float, float]:
+    """Both frameworks' matmul peaks, measured in this run (MFU denominators)."""
+    ours, torch_peak = matmul_peak(dtype), torch_matmul_peak()
+    print(f"measured matmul peak (jitted n x n): XLA {jnp.dtype(dtype).name} {ours / 1e9:.1f} GFLOP/s, "
+          f"torch float32 {torch_peak / 1e9:.1f} GFLOP/s", flush=True)
+    return ours, torch_peak
+
+
 def _flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -107,15 +129,18 @@ def _encoder_cases(quick: bool):
     ]
 
 
-def bench_encoders(repeats: int, quick: bool):
+def bench_encoders(repeats: int, quick: bool, only: str | None = None):
     import torch
 
     from rsvl_jax.convert import from_pytorch
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
+    peak, torch_peak = print_peaks()
     rows = []
     for name, batch, make, family, inputs in _encoder_cases(quick):
+        if only and only.lower() not in name.lower():
+            continue
         torch.manual_seed(0)
         ref, cfg = make()
         ref.eval()
@@ -129,6 +154,7 @@ def bench_encoders(repeats: int, quick: bool):
             return out[0] if isinstance(out, tuple) else out
 
         xj = jnp.asarray(x)
+        flops = _flops(fwd.lower(state, xj).compile())  # one count for both sides
         t_ours = timed(lambda: fwd(state, xj), repeats)
         if x.dtype == np.int32:
             xt = torch.from_numpy(x.astype(np.int64))
@@ -145,10 +171,13 @@ def bench_encoders(repeats: int, quick: bool):
                 times.append(time.perf_counter() - t)
         t_ref = statistics.median(times)
         rows.append({"model": name, "batch": batch, "ours items/s": f"{batch / t_ours:.2f}",
-                     "torch items/s": f"{batch / t_ref:.2f}", "ratio": f"{t_ref / t_ours:.2f}x"})
+                     "torch items/s": f"{batch / t_ref:.2f}", "ratio": f"{t_ref / t_ours:.2f}x",
+                     "ours MFU": f"{100 * flops / t_ours / peak:.0f}%",
+                     "torch MFU": f"{100 * flops / t_ref / torch_peak:.0f}%"})
     print(f"encoder forward, float32, {threads} threads (torch.set_num_threads), jax {jax.__version__}, "
-          f"torch {torch.__version__}, device {jax.devices()[0].platform}")
-    _table(rows, ["model", "batch", "ours items/s", "torch items/s", "ratio"])
+          f"torch {torch.__version__}, device {jax.devices()[0].platform}; MFU: XLA's FLOP count of our "
+          "forward / (time x that framework's matmul peak)")
+    _table(rows, list(rows[0]) if rows else [])
     return rows
 
 
@@ -235,13 +264,14 @@ def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int =
         graphdef, state = nnx.split(step.model())
         encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)[0])
         t_eval = timed(lambda: encode(state, step.batch["image"]), repeats)
-    peak = matmul_peak(jnp.dtype(dtype))
-    print(f"measured matmul peak ({dtype}, jitted n x n matmul): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak, _ = print_peaks(jnp.dtype(dtype))
     mfu = step.flops / t_train / peak
     row = {"config": f"PIR {config.model.preset} {size}px L={text_len}", "dtype": dtype, "batch": batch,
            "train s/step": f"{t_train:.3f}", "train img/s": f"{batch / t_train:.2f}",
            "eval img/s": f"{batch / t_eval:.2f}", "step GFLOP": f"{step.flops / 1e9:.1f}",
            "matmul peak GFLOP/s": f"{peak / 1e9:.1f}", "MFU": f"{100 * mfu:.1f}%"}
+    print("reference side: none in this tool (the original PIR code is not a dependency); "
+          "README's PIR comparison was measured against a checkout of jaychempan/PIR at the same shapes")
     print(f"PIR training step (the trainer's: task loss, fwd+bwd+AdamW, jitted), "
           f"device {jax.devices()[0].device_kind}")
     _table([row], list(row))
@@ -357,8 +387,7 @@ def bench_bita(repeats: int, batch: int, dtype: str, quick: bool, text_len: int 
     batch_data = _bita_batch(batch, config.data.image_size, text_len, min(bcfg.opt.vocab_size, 50000))
     step = TrainerStep(config, task, batch_data, steps_per_epoch=1000, num_items=1000 * batch)
     t_ours = timed(step, repeats)
-    peak = matmul_peak(jnp.dtype(dtype))
-    print(f"measured matmul peak ({dtype}, jitted n x n matmul): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak, torch_peak = print_peaks(jnp.dtype(dtype))
     n_train = sum(x.size for x in jax.tree.leaves(step.state[0]))
     n_frozen = sum(x.size for x in jax.tree.leaves(step.frozen))
     shape = (f"ViT-L/14 {bcfg.vit.layers} blocks {bcfg.vit.image_size}px + IFT {bcfg.qformer.layers} layers "
@@ -377,7 +406,7 @@ def bench_bita(repeats: int, batch: int, dtype: str, quick: bool, text_len: int 
             rows.append({"side": "torch stand-in (HF CLIP + Blip2QFormer + OPT)", "dtype": dtype, "batch": batch,
                          "s/step": f"{t_torch:.3f}", "img/s": f"{batch / t_torch:.2f}",
                          "step GFLOP": f"{step.flops / 1e9:.1f} (ours)",
-                         "MFU": f"{100 * step.flops / t_torch / peak:.1f}%"})
+                         "MFU": f"{100 * step.flops / t_torch / torch_peak:.1f}%"})
             print(f"torch trainable parameters {n_torch:,} (ours {n_train:,})")
     print(f"BITA stage-2 training step: {shape}; trainable {n_train:,} / frozen {n_frozen:,} parameters; "
           f"{threads} threads, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -410,9 +439,10 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="bita: skip the PyTorch side")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the tool itself runs")
+    parser.add_argument("--only", default=None, help="encoders: only the models whose name contains this (e.g. resnet)")
     args = parser.parse_args(argv)
     if args.what == "encoders":
-        bench_encoders(args.repeats, args.quick)
+        bench_encoders(args.repeats, args.quick, args.only)
     elif args.what == "pir":
         bench_pir(args.repeats, args.batch or 8, args.dtype, args.quick, args.text_len)
     elif args.what == "bita":
