@@ -12,6 +12,8 @@ bita      BITA stage-2 training images/s (configs/bita.py:stage=2: ViT-L/14 21 b
           built from HF modules at the same shapes (Blip2QFormerModel mixes tokens by
           self-attention, not BITA's Fourier mixing), MFU of both from our step's FLOP count.
 generate  5-beam captioning throughput vs HF generate (tools/bench_generate.py).
+chunks    the GradCache step (config chunk_size) against the full-batch step at the same global
+          batch: time and XLA's peak temporary memory (memory_analysis) of the trainer's step.
 
 --quick runs tiny presets, only to check that the tool itself works. Timings exclude
 compilation (one warm-up call); each number is the median of the repeats.
@@ -278,6 +280,33 @@ def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int =
     return row
 
 
+def bench_chunks(repeats: int, batch: int, quick: bool, block: int = 16):
+    """PIR's demo model (64 px; --quick: the test model) at a global batch of `batch` in blocks
+    of `block`: the full-batch step and GradCache chunks of 1, 2, ... blocks."""
+    from rsvl_jax import tasks
+
+    preset = ["--config.model.preset=pir_test", "--config.data.image_size=32"] if quick else []
+    config = _config("configs/pir.py:demo", [f"--config.batch_size={batch}",
+                                             f"--config.reference_device_batch={block}", *preset])
+    size, rng = config.data.image_size, np.random.default_rng(0)
+    batch_data = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+                  "input_ids": rng.integers(1, 200, size=(batch, 24)).astype(np.int32),
+                  "idx": np.arange(batch, dtype=np.int32) // 2, "label": rng.integers(0, 4, size=batch).astype(np.int32)}
+    rows = []
+    for chunk in [0] + [block * 2**i for i in range(8) if block * 2**i < batch]:
+        task = dataclasses.replace(tasks.get(config), chunk_size=chunk)
+        step = TrainerStep(config, task, batch_data, steps_per_epoch=100, num_items=100 * batch)
+        t = timed(step, repeats)
+        mem = step.compiled.memory_analysis()
+        rows.append({"step": f"GradCache, chunks of {chunk}" if chunk else "full batch", "batch": batch,
+                     "s/step": f"{t:.3f}", "temp MiB": f"{mem.temp_size_in_bytes / 2**20:.0f}",
+                     "loss": f"{float(step()):.6f}"})
+    print(f"PIR {config.model.preset} {size}px, global batch {batch} in blocks of {block}, float32, "
+          f"device {jax.devices()[0].device_kind}")
+    _table(rows, list(rows[0]))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------
 # BITA stage 2
 # ---------------------------------------------------------------------------------------
@@ -430,7 +459,7 @@ def _torch_timed(fn, repeats: int) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["encoders", "pir", "bita", "generate"])
+    parser.add_argument("what", choices=["encoders", "pir", "bita", "generate", "chunks"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="default: pir 8, bita 4")
     parser.add_argument("--text-len", type=int, default=24,
@@ -445,6 +474,8 @@ def main(argv=None):
         bench_encoders(args.repeats, args.quick, args.only)
     elif args.what == "pir":
         bench_pir(args.repeats, args.batch or 8, args.dtype, args.quick, args.text_len)
+    elif args.what == "chunks":
+        bench_chunks(args.repeats, args.batch or 64, args.quick)
     elif args.what == "bita":
         bench_bita(args.repeats, args.batch or 4, args.dtype, args.quick, args.text_len, args.threads,
                    torch_side=not args.no_torch)

@@ -58,3 +58,12 @@ def test_bench_quick_prints_a_row(what, capsys):
     out = capsys.readouterr().out
     assert "MFU" in out and "matmul peak" in out
     assert ("PIR pir_test" if what == "pir" else "ours (trainer step, jitted)") in out
+
+
+@pytest.mark.slow
+def test_bench_chunks_gives_the_same_loss_in_less_memory(capsys):
+    rows = _tool("bench").bench_chunks(repeats=1, batch=32, quick=True, block=8)
+    assert [r["step"] for r in rows] == ["full batch", "GradCache, chunks of 8", "GradCache, chunks of 16"]
+    assert len({r["loss"] for r in rows}) == 1  # the same training step, whatever the chunking
+    temps = [float(r["temp MiB"]) for r in rows]
+    assert temps[1] < temps[0]
