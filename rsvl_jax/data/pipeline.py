@@ -101,7 +101,7 @@ class TrainLoader:
                  seed: int = 0, transform: TrainTransform | None = None, text_bucket=8,
                  max_words: int = 30, process_index: int | None = None,
                  process_count: int | None = None, num_threads: int = 8,
-                 prefetch_batches: int = 2, require_label: bool = True):
+                 prefetch_batches: int = 2, require_label: bool = True, pad_id: int | None = None):
         self.source = source
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
@@ -112,7 +112,7 @@ class TrainLoader:
         self.process_index, self.process_count = _host(process_index, process_count)
         self.num_threads = num_threads
         self.prefetch_batches = prefetch_batches
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = _pad_id(tokenizer) if pad_id is None else pad_id
         self.items, self._labels = caption_items(source, require_label)
         per_host = -(-len(self.items) // self.process_count)
         self.steps_per_epoch = per_host // self.batch_size
@@ -142,17 +142,23 @@ class TrainLoader:
         steps, b, hosts = self.steps_per_epoch, self.batch_size, self.process_count
         return perm[: steps * b * hosts].reshape(steps, hosts, b)[:, host].reshape(-1)
 
+    # -- the text side (PIR's; another model's loader overrides these two)
+    def clean_caption(self, raw: str) -> str:
+        """A caption as the model reads it: PIR's normalisation (raises ValueError on an empty one)."""
+        return text_lib.pre_caption(raw, self.max_words)
+
+    def encode(self, captions: Sequence[str]) -> list[list[int]]:
+        """Token ids of cleaned captions, before padding."""
+        return text_lib.encode_pir(list(captions), self.tokenizer)
+
     # -- one padding length per global batch
     def _captions(self) -> list[str]:
         """Every item's caption as `_load` hands it to `_collate`."""
-        out = []
-        for rec in _records(self.source):
-            out.extend(text_lib.pre_caption(_str(c), self.max_words) for c in rec["captions"])
-        return out
+        return [self.clean_caption(_str(c)) for rec in _records(self.source) for c in rec["captions"]]
 
     def text_lengths(self, captions: Sequence[str]) -> np.ndarray:
         """Token count of each caption as `_collate` encodes it (before padding)."""
-        return np.asarray([len(ids) for ids in text_lib.encode_pir(list(captions), self.tokenizer)])
+        return np.asarray([len(ids) for ids in self.encode(captions)])
 
     def pad_lengths(self, epoch: int) -> np.ndarray:
         """The text length of every step's batch, decided from the *global* batch: with
@@ -179,9 +185,8 @@ class TrainLoader:
             raise ValueError(f"train record {rec_i} ({_str(rec['filename'])}): cannot decode "
                              f"image ({type(e).__name__}: {e})") from e
         rng = np.random.default_rng([self.seed, epoch, item])
-        caption = _str(rec["captions"][cap_i])
         try:
-            caption = text_lib.pre_caption(caption, self.max_words)
+            caption = self.clean_caption(_str(rec["captions"][cap_i]))
         except ValueError as e:
             raise ValueError(f"train record {rec_i} ({_str(rec['filename'])}) caption {cap_i}: {e}") from e
         return {"image": self.transform(image, rng), "caption": caption, "idx": rec_i,
@@ -193,7 +198,7 @@ class TrainLoader:
         return (pad_to,) if pad_to else self.text_bucket
 
     def _collate(self, examples: Sequence[dict]) -> dict:
-        ids = text_lib.encode_pir([e["caption"] for e in examples], self.tokenizer)
+        ids = self.encode([e["caption"] for e in examples])
         return {
             "image": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
             "input_ids": text_lib.pad_batch(ids, bucket=self._bucket(examples), pad_id=self.pad_id),

@@ -162,56 +162,22 @@ def train_loader(config, data: RetrievalData, batch_size: int):
         text_bucket=tuple(config.data.text_buckets), max_words=config.data.max_words, require_label=False)
 
 
-class _ZeroPad:
-    """Stands in for a BERT tokenizer while `TrainLoader` looks up its pad id: CLIP pads with 0."""
-
-    def token_to_id(self, token):
-        return 0
-
-
 def _train_loader_class():
     """`pipeline.TrainLoader` (its epochs, host sharding and exact resume state) with CLIP's
     text side: captions as `caption_text` gives them, CLIP ids, zero padding. Built on first
     use so importing this task does not import grain."""
-    from rsvl_jax.data import pipeline, text as text_lib
-    from rsvl_jax.data.builders.common import decode_image
+    from rsvl_jax.data import pipeline
 
     class ClipTrainLoader(pipeline.TrainLoader):
         def __init__(self, source, tokenizer, *, config, **kw):
-            super().__init__(source, _ZeroPad(), **kw)
-            self.tokenizer, self.config = tokenizer, config
+            self.config = config
+            super().__init__(source, tokenizer, pad_id=0, **kw)
 
-        def _captions(self):
-            return [caption_text(c, self.config) for rec in _records(self.source) for c in rec["captions"]]
+        def clean_caption(self, raw):
+            return caption_text(raw, self.config)
 
-        def text_lengths(self, captions):
-            ids = self.tokenizer.encode_batch(list(captions), self.config.data.context_length)
-            return np.asarray([len(i) for i in ids])
-
-        def _load(self, item: int, epoch: int) -> dict:
-            rec_i, cap_i = (int(v) for v in self.items[item])
-            rec = self.source[rec_i]
-            try:
-                image = decode_image(rec["image"])
-            except Exception as e:
-                raise ValueError(f"train record {rec_i} ({_str(rec['filename'])}): cannot decode "
-                                 f"image ({type(e).__name__}: {e})") from e
-            rng = np.random.default_rng([self.seed, epoch, item])
-            try:
-                caption = caption_text(rec["captions"][cap_i], self.config)
-            except ValueError as e:
-                raise ValueError(f"train record {rec_i} ({_str(rec['filename'])}) caption {cap_i}: {e}") from e
-            return {"image": self.transform(image, rng), "caption": caption, "idx": rec_i,
-                    "label": int(self._labels[rec_i])}
-
-        def _collate(self, examples):
-            ids = self.tokenizer.encode_batch([e["caption"] for e in examples], self.config.data.context_length)
-            return {
-                "image": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
-                "input_ids": text_lib.pad_batch(ids, bucket=self._bucket(examples), pad_id=0),
-                "idx": np.asarray([e["idx"] for e in examples], np.int32),
-                "label": np.asarray([e["label"] for e in examples], np.int32),
-            }
+        def encode(self, captions):
+            return self.tokenizer.encode_batch(list(captions), self.config.data.context_length)
 
     return ClipTrainLoader
 
