@@ -246,9 +246,10 @@ def vir_heatmaps(model, images) -> list[np.ndarray] | None:
     if model.config.is_baseline:
         return None
     graphdef, state = nnx.split(model)
-    scores, tokens = _image_belief(graphdef, state, jnp.asarray(images, jnp.float32))
+    # Every host passes the same images; the output may span hosts (the model's batch sharding).
+    scores, tokens = _image_belief(graphdef, state, replicated(np.asarray(images, np.float32)))
     n = tokens.shape[1]
-    return [report_lib.vir_heatmap(row, n) for row in np.asarray(scores)]
+    return [report_lib.vir_heatmap(row, n) for row in all_hosts(scores)]
 
 
 def report(model, data: RetrievalData, split: str, step: int, out_dir: str, config) -> dict:
