@@ -51,8 +51,8 @@ def make_train_step(graphdef, task: tasks.Task, tx: optax.GradientTransformation
 
 
 def make_loss_and_grad(graphdef, task: tasks.Task, seed: int):
-    """`(trainable, frozen, mutable, rest, batch, step) -> (loss, metrics, mutable, grads)`:
-    the whole batch at once, in GradCache chunks (`task.chunk_size`), or one micro-batch of
+    """`(trainable, frozen, mutable, rest, batch, step) -> (loss, metrics, mutable, grads)`
+    from the task's `embed` and `batch_loss`: the whole batch at once, in GradCache chunks (`task.chunk_size`), or one micro-batch of
     an accumulated update (`task.accumulate_steps`); see `rsvl_jax.tasks.Task`.
 
     Dropout keys come from (seed, update, block), so a resumed run draws the same masks, no
@@ -66,20 +66,6 @@ def make_loss_and_grad(graphdef, task: tasks.Task, seed: int):
 
     def update_key(step):
         return jax.random.fold_in(jax.random.key(seed), step // accum)
-
-    if task.embed is None:
-        def loss_of(trainable, frozen, mutable, rest, batch, step):
-            model = model_of(trainable, frozen, mutable, rest)
-            nnx.reseed(model, dropout=update_key(step))
-            loss, metrics = task.loss(model, batch)
-            return loss, (metrics, nnx.state(model, nnx.BatchStat))
-
-        def whole(trainable, frozen, mutable, rest, batch, step):
-            (loss, (metrics, mutable)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-                trainable, frozen, mutable, rest, batch, step)
-            return loss, metrics, mutable, grads
-
-        return whole
 
     def embed_blocks(trainable, frozen, mutable, rest, blocks, ids, key):
         """Blocks (n, block, ...) with ids (n,) -> representations stacked (n, ...) and the

@@ -54,16 +54,14 @@ class Task:
     train_loader: Callable[[Any, int], Any]  # (data, per-host batch) -> iterator with state
     optimizer: Callable[[nnx.State, int, int], tuple[optax.GradientTransformation, optax.Schedule]]
     #          (trainable params, steps per epoch, training items) -> (tx, lr schedule of the step)
-    # The loss of one batch, in one of two forms. `embed` + `batch_loss`: the batch runs as
-    # blocks of `block_size` examples (the reference's per-device batch: each block has its own
-    # dropout key and batch statistics, as each GPU had), `embed(model, block)` gives a block's
-    # representations and `batch_loss(model, reps, batch)` the loss from all of them (stacked
-    # by block, see `merge_blocks`). This form lets the trainer chunk the batch (GradCache,
+    # The loss of one batch in two parts. The batch runs as blocks of `block_size` examples
+    # (the reference's per-device batch: each block has its own dropout key and batch
+    # statistics, as each GPU had); `embed(model, block)` gives a block's representations (an
+    # LM stage: its loss) and `batch_loss(model, reps, batch)` the loss from all of them
+    # (stacked by block, see `merge_blocks`). So the trainer can chunk the batch (GradCache,
     # `chunk_size`) and accumulate it (`accumulate_steps`) with the full batch's result.
-    # `loss(model, batch)`: the whole batch at once, for tasks that need neither.
-    embed: Callable[[nnx.Module, dict], Any] | None = None
-    batch_loss: Callable[[nnx.Module, Any, dict], tuple[jax.Array, dict]] | None = None
-    loss: Callable[[nnx.Module, dict], tuple[jax.Array, dict]] | None = None
+    embed: Callable[[nnx.Module, dict], Any]
+    batch_loss: Callable[[nnx.Module, Any, dict], tuple[jax.Array, dict]]
     block_size: int = 0  # examples per block; 0 = the whole batch
     chunk_size: int = 0  # examples per GradCache chunk (a multiple of block_size); 0 = off
     accumulate_steps: int = 1  # optax.MultiSteps: micro-batches per update (per-block losses only)
