@@ -61,14 +61,7 @@ def _text_hf(cfg: CLIPTextConfig) -> list[Entry]:
     e = [entry("text.token_embedding.embedding", f"{p}.embeddings.token_embedding.weight"),
          entry("text.positional_embedding", f"{p}.embeddings.position_embedding.weight")]
     for i in range(cfg.layers):
-        s, t = f"{p}.encoder.layers.{i}", f"text.blocks.{i}"
-        for name in "qkv":
-            e += linear_entries(f"{t}.attn.{name}", f"{s}.self_attn.{name}_proj")
-        e += linear_entries(f"{t}.attn.out", f"{s}.self_attn.out_proj")
-        e += norm_entries(f"{t}.ln_1", f"{s}.layer_norm1")
-        e += linear_entries(f"{t}.mlp.c_fc", f"{s}.mlp.fc1")
-        e += linear_entries(f"{t}.mlp.c_proj", f"{s}.mlp.fc2")
-        e += norm_entries(f"{t}.ln_2", f"{s}.layer_norm2")
+        e += clip_vit.hf_layer_entries(f"text.blocks.{i}", f"{p}.encoder.layers.{i}")
     e += norm_entries("text.ln_final", f"{p}.final_layer_norm")
     # HF projections are bias-free Linears (out, in); ours are (in, out) matrices as OpenAI's.
     e += [entry("text_projection", "text_projection.weight", linear),

@@ -40,6 +40,19 @@ from rsvl_jax.models.vit import PRESETS, ViTConfig, VisionTransformer, resize_po
 LAYOUTS = ("lavis", "openai", "hf")
 
 
+
+def hf_layer_entries(ours: str, hf: str) -> list[Entry]:
+    """One HF CLIP encoder layer `hf` -> our residual block `ours` (both towers are alike)."""
+    e = []
+    for name in "qkv":
+        e += linear_entries(f"{ours}.attn.{name}", f"{hf}.self_attn.{name}_proj")
+    e += linear_entries(f"{ours}.attn.out", f"{hf}.self_attn.out_proj")
+    e += norm_entries(f"{ours}.ln_1", f"{hf}.layer_norm1")
+    e += linear_entries(f"{ours}.mlp.c_fc", f"{hf}.mlp.fc1")
+    e += linear_entries(f"{ours}.mlp.c_proj", f"{hf}.mlp.fc2")
+    e += norm_entries(f"{ours}.ln_2", f"{hf}.layer_norm2")
+    return e
+
 def int_at_least(n: int) -> str:
     """Regex matching the decimal integers >= n (no leading zeros)."""
     d = len(str(n))
@@ -104,14 +117,7 @@ def table(config: ViTConfig, layout: str, *, prefix: str | None = None,
             *norm_entries("ln_pre", f"{p}pre_layrnorm"),
         ]
         for i in range(config.layers):
-            s = f"{p}encoder.layers.{i}"
-            for name in "qkv":
-                e += linear_entries(f"blocks.{i}.attn.{name}", f"{s}.self_attn.{name}_proj")
-            e += linear_entries(f"blocks.{i}.attn.out", f"{s}.self_attn.out_proj")
-            e += norm_entries(f"blocks.{i}.ln_1", f"{s}.layer_norm1")
-            e += linear_entries(f"blocks.{i}.mlp.c_fc", f"{s}.mlp.fc1")
-            e += linear_entries(f"blocks.{i}.mlp.c_proj", f"{s}.mlp.fc2")
-            e += norm_entries(f"blocks.{i}.ln_2", f"{s}.layer_norm2")
+            e += hf_layer_entries(f"blocks.{i}", f"{p}encoder.layers.{i}")
         post = f"{p}post_layernorm"
         skips.append(Skip("blocks beyond config.layers (not built)", rf"{re.escape(p)}encoder\.layers\.{beyond}\..*"))
         skips.append(Skip("position_ids buffer", rf"{re.escape(emb)}\.position_ids"))
