@@ -6,7 +6,8 @@ encoders  forward throughput of Swin-T, BERT-base (47 tokens), ResNet-50 and BIT
 pir       PIR train-step and eval images/s for the paper configuration (configs/pir.py, rsitmd,
           captions of --text-len BERT ids), with MFU: XLA's FLOP count of the compiled step /
           (step time x a measured matmul peak). The step is the trainer's own (the task's model,
-          optimiser and loss through `train.make_train_step`).
+          optimiser and loss through `train.make_train_step`). `--reference CHECKOUT` also times
+          the original PIR code of a checkout of jaychempan/PIR (tools/bench_reference.py).
 bita      BITA stage-2 training images/s (configs/bita.py:stage=2: ViT-L/14 21 blocks + the full
           IFT, with an OPT-125m-shaped frozen decoder), the trainer's step vs a PyTorch stand-in
           built from HF modules at the same shapes (Blip2QFormerModel mixes tokens by
@@ -237,8 +238,10 @@ class TrainerStep:
 # ---------------------------------------------------------------------------------------
 # PIR
 # ---------------------------------------------------------------------------------------
-def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int = 24):
-    """PIR's training step through its task (configs/pir.py:dataset=rsitmd at `batch`)."""
+def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int = 24, reference: str | None = None,
+              threads: int | None = None):
+    """PIR's training step through its task (configs/pir.py:dataset=rsitmd at `batch`); with
+    `reference`, also the original PIR code of that checkout (tools/bench_reference.py)."""
     from rsvl_jax import tasks
     from rsvl_jax.models import pir as pir_lib
     from rsvl_jax.tasks import pir as pir_task
@@ -276,11 +279,31 @@ def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int =
            "train s/step": f"{t_train:.3f}", "train img/s": f"{batch / t_train:.2f}",
            "eval img/s": f"{batch / t_eval:.2f}", "step GFLOP": f"{step.flops / 1e9:.1f}",
            "matmul peak GFLOP/s": f"{peak / 1e9:.1f}", "MFU": f"{100 * mfu:.1f}%"}
-    print("reference side: none in this tool (the original PIR code is not a dependency); "
-          "README's PIR comparison was measured against a checkout of jaychempan/PIR at the same shapes")
+    rows = [row]
+    if reference:
+        from bench_reference import time_original_pir
+
+        # The original Swin-T (window 7) takes 224 px, not --quick's 32: then shapes differ.
+        ref_size = 224 if quick else size
+        ref = time_original_pir(reference, batch, text_len, ref_size, repeats, threads)
+        torch_peak = torch_matmul_peak()
+        same = ref_size == size
+        row["ref/ours s/step"] = "1.00x"
+        rows.append({"config": f"original PIR (torch {ref['torch']}) {ref_size}px L={text_len}", "dtype": "float32",
+                     "batch": batch, "train s/step": f"{ref['s_per_step']:.3f}",
+                     "train img/s": f"{ref['images_per_s']:.2f}", "eval img/s": "-",
+                     "step GFLOP": "(ours)" if same else "-", "matmul peak GFLOP/s": f"{torch_peak / 1e9:.1f}",
+                     "MFU": f"{100 * step.flops / ref['s_per_step'] / torch_peak:.1f}%" if same else "n/a",
+                     "ref/ours s/step": f"{ref['s_per_step'] / t_train:.2f}x" if same else "n/a (shapes differ)"})
+        print(f"reference side: {reference}, {ref['threads']} torch threads, random init "
+              f"(checkpoints not read: {', '.join(ref['skipped_checkpoints']) or 'none'}); "
+              + "; ".join(ref["notes"] + ["its MFU uses our step's XLA FLOP count"]))
+    else:
+        print("reference side: none (the original PIR code is not a dependency); `--reference CHECKOUT` "
+              "times a checkout of jaychempan/PIR at the same shapes")
     print(f"PIR training step (the trainer's: task loss, fwd+bwd+AdamW, jitted), "
           f"device {jax.devices()[0].device_kind}")
-    _table([row], list(row))
+    _table(rows, list(row))
     return row
 
 
@@ -472,12 +495,14 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="bita: skip the PyTorch side")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the tool itself runs")
+    parser.add_argument("--reference", default=None, metavar="CHECKOUT",
+                        help="pir: a checkout of the original PIR code (jaychempan/PIR) to time at the same shapes")
     parser.add_argument("--only", default=None, help="encoders: only the models whose name contains this (e.g. resnet)")
     args = parser.parse_args(argv)
     if args.what == "encoders":
         bench_encoders(args.repeats, args.quick, args.only)
     elif args.what == "pir":
-        bench_pir(args.repeats, args.batch or 8, args.dtype, args.quick, args.text_len)
+        bench_pir(args.repeats, args.batch or 8, args.dtype, args.quick, args.text_len, args.reference, args.threads)
     elif args.what == "chunks":
         bench_chunks(args.repeats, args.batch or 64, args.quick)
     elif args.what == "bita":
