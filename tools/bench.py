@@ -246,6 +246,10 @@ def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int =
     from rsvl_jax.models import pir as pir_lib
     from rsvl_jax.tasks import pir as pir_task
 
+    if reference:
+        from bench_reference import check_checkout, time_original_pir
+
+        check_checkout(reference)  # a wrong path fails before our side's minutes of work
     overrides = [f"--config.batch_size={batch}", f"--config.reference_device_batch={batch}"]
     if quick:
         overrides += ["--config.model.preset=pir_test", "--config.data.image_size=32"]
@@ -281,8 +285,6 @@ def bench_pir(repeats: int, batch: int, dtype: str, quick: bool, text_len: int =
            "matmul peak GFLOP/s": f"{peak / 1e9:.1f}", "MFU": f"{100 * mfu:.1f}%"}
     rows = [row]
     if reference:
-        from bench_reference import time_original_pir
-
         # The original Swin-T (window 7) takes 224 px, not --quick's 32: then shapes differ.
         ref_size = 224 if quick else size
         ref = time_original_pir(reference, batch, text_len, ref_size, repeats, threads)
