@@ -210,7 +210,13 @@ class Mlp(nnx.Module):
 
 
 class SwinBlock(nnx.Module):
-    """Pre-norm block: x + DropPath(W-MSA(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-norm block: x + DropPath(W-MSA(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    It reads and writes its tokens in its own window order (`to_windows` with its shift):
+    everything but the attention is per token, so the residual stream can stay in that order,
+    and the stage re-orders once between blocks instead of partitioning and merging (and
+    rolling) inside every block. The numbers are the reference's, in another token order.
+    """
 
     def __init__(self, dim: int, num_heads: int, resolution: int, window: int, shift: int, drop_path: float,
                  config: SwinConfig, *, rngs: nnx.Rngs):
@@ -223,18 +229,35 @@ class SwinBlock(nnx.Module):
         self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
     def __call__(self, x, *, deterministic: bool):
+        """x: (B, L, C) in this block's window order."""
         b, l, c = x.shape
         r, w, s = self.resolution, self.window, self.shift
-        y = _norm(self.norm1, x, x.dtype).reshape(b, r, r, c)
-        if s:
-            y = jnp.roll(y, (-s, -s), axis=(1, 2))
-        y = _partition(y, w).reshape(b, -1, w * w, c)
+        y = _norm(self.norm1, x, x.dtype).reshape(b, (r // w) ** 2, w * w, c)
         y = self.attn(y, shift_mask(r, w, s) if s else None)
-        y = _unpartition(y.reshape(-1, w * w, c), w, b, r, r)
-        if s:
-            y = jnp.roll(y, (s, s), axis=(1, 2))
         x = x + self.drop_path(y.reshape(b, l, c), deterministic=deterministic)
         return x + self.drop_path(self.mlp(_norm(self.norm2, x, x.dtype)), deterministic=deterministic)
+
+
+def to_windows(x, resolution: int, window: int, shift: int):
+    """(B, R*R, C) row-major tokens -> (B, R*R, C) in window order after the cyclic shift."""
+    b, _, c = x.shape
+    if window == resolution and not shift:
+        return x
+    x = x.reshape(b, resolution, resolution, c)
+    if shift:
+        x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+    return _partition(x, window).reshape(b, -1, c)
+
+
+def from_windows(x, resolution: int, window: int, shift: int):
+    """Inverse of `to_windows`."""
+    b, _, c = x.shape
+    if window == resolution and not shift:
+        return x
+    x = _unpartition(x.reshape(-1, window * window, c), window, b, resolution, resolution)
+    if shift:
+        x = jnp.roll(x, (shift, shift), axis=(1, 2))
+    return x.reshape(b, -1, c)
 
 
 class PatchMerging(nnx.Module):
@@ -277,8 +300,14 @@ class SwinStage(nnx.Module):
 
         if self.remat:  # per block: only its input is kept for the backward pass
             run = nnx.remat(run)
+        order = None  # the shift whose window order x is in; None = row-major
         for block in self.blocks:
+            if order != block.shift:
+                geometry = block.resolution, block.window
+                x = x if order is None else from_windows(x, *geometry, order)
+                x, order = to_windows(x, *geometry, block.shift), block.shift
             x = run(block, x)
+        x = from_windows(x, block.resolution, block.window, order)
         if self.downsample is not None:
             x = self.downsample(x)
         return constrain(x, ("batch", "length", "embed"))
