@@ -32,6 +32,10 @@ import time
 # our side is timed (ResNet-50 measured 10.4 instead of 13.1 img/s); they sleep with this.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from rsvl_jax import allocator  # noqa: E402
+
+allocator.use_jemalloc()  # as `python -m rsvl_jax.train` runs (both sides of a comparison get it)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
