@@ -32,9 +32,10 @@ import time
 # our side is timed (ResNet-50 measured 10.4 instead of 13.1 img/s); they sleep with this.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from rsvl_jax import allocator  # noqa: E402
+if __name__ == "__main__":  # never when imported (a test process must not re-execute itself)
+    from rsvl_jax import allocator
 
-allocator.use_jemalloc()  # as `python -m rsvl_jax.train` runs (both sides of a comparison get it)
+    allocator.use_jemalloc()  # as `python -m rsvl_jax.train` runs (both sides of a comparison get it)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,15 +56,22 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:
-    """Measured FLOP/s of a large jitted matmul: the denominator of our MFU."""
+def matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 10) -> float:
+    """Measured FLOP/s of a large jitted matmul, the best of `repeats` (a peak, and steadier
+    than a median on a shared machine): the denominator of our MFU."""
     n = n or (2048 if jax.devices()[0].platform == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / timed(lambda: f(a), repeats)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times)
 
 
-def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def torch_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     """The same measurement in PyTorch (float32, its current thread count): torch's MFU denominator."""
     import torch
 
@@ -74,7 +82,7 @@ def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
         t = time.perf_counter()
         a @ a
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / min(times)
 
 
 def print_peaks(dtype=jnp.float32) -> tuple[float, float]:
