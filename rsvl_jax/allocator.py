@@ -31,7 +31,7 @@ _SAVED = ("RSVL_SAVED_LD_PRELOAD", "RSVL_SAVED_MALLOC_CONF")
 _SEARCH = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
-    "/usr/local/lib/libjemalloc.so.2", "/opt/homebrew/lib/libjemalloc.2.dylib",
+    "/usr/local/lib/libjemalloc.so.2",
 )
 
 

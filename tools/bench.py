@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 # torch's OpenMP threads otherwise spin between its calls and take the cores from XLA while
 # our side is timed (ResNet-50 measured 10.4 instead of 13.1 img/s); they sleep with this.
@@ -44,16 +42,12 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import timing  # noqa: E402  (tools/timing.py)
+
 
 def timed(fn, repeats: int) -> float:
-    """Median wall seconds of `fn()` after one warm-up call (compilation)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median wall seconds of `fn()` (a JAX computation) after one warm-up call (compilation)."""
+    return timing.seconds(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 10) -> float:
@@ -62,13 +56,7 @@ def matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 10) -> f
     n = n or (2048 if jax.devices()[0].platform == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
+    return 2 * n**3 / timing.seconds(lambda: jax.block_until_ready(f(a)), repeats, min)
 
 
 def torch_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -76,13 +64,7 @@ def torch_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     import torch
 
     a = torch.randn(n, n)
-    a @ a
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
+    return 2 * n**3 / timing.seconds(lambda: a @ a, repeats, min)
 
 
 def print_peaks(dtype=jnp.float32) -> tuple[float, float]:
@@ -182,13 +164,7 @@ def bench_encoders(repeats: int, quick: bool, only: str | None = None):
             xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
             call = lambda: ref(pixel_values=xt)  # noqa: E731
         with torch.inference_mode():
-            call()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t)
-        t_ref = statistics.median(times)
+            t_ref = timing.seconds(call, repeats)
         rows.append({"model": name, "batch": batch, "ours items/s": f"{batch / t_ours:.2f}",
                      "torch items/s": f"{batch / t_ref:.2f}", "ratio": f"{t_ref / t_ours:.2f}x",
                      "ours MFU": f"{100 * flops / t_ours / peak:.0f}%",
@@ -472,7 +448,7 @@ def bench_bita(repeats: int, batch: int, dtype: str, quick: bool, text_len: int 
         except ImportError as e:
             print(f"torch side skipped: {e}")
         else:
-            t_torch = _torch_timed(torch_step, repeats)
+            t_torch = timing.seconds(torch_step, repeats)
             rows.append({"side": "torch stand-in (HF CLIP + Blip2QFormer + OPT)", "dtype": dtype, "batch": batch,
                          "s/step": f"{t_torch:.3f}", "img/s": f"{batch / t_torch:.2f}",
                          "step GFLOP": f"{step.flops / 1e9:.1f} (ours)",
@@ -486,16 +462,6 @@ def bench_bita(repeats: int, batch: int, dtype: str, quick: bool, text_len: int 
               "frozen; fwd+bwd+AdamW over the bridge). MFU of both uses our step's XLA FLOP count.")
     _table(rows, list(rows[0]))
     return rows
-
-
-def _torch_timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv=None):

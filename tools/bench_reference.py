@@ -10,11 +10,12 @@ import io
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402  (tools/timing.py)
 
 # What a checkout of jaychempan/PIR must hold for this tool: the files it imports or reads.
 EXPECTED_FILES = ("models/model_retrieval.py", "optim.py", "scheduler.py", "utils/__init__.py",
@@ -251,13 +252,7 @@ def time_original_pir(checkout: str, batch: int, text_len: int, image_size: int,
             scheduler.step()
 
         with _single_process_group(workdir), contextlib.redirect_stdout(io.StringIO()):
-            train_step()  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                train_step()
-                times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+            seconds = timing.seconds(train_step, repeats)
     return {"s_per_step": seconds, "images_per_s": batch / seconds, "batch": batch, "text_len": text_len,
             "image_size": image_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
