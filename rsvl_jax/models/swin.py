@@ -186,17 +186,21 @@ class WindowAttention(nnx.Module):
         """
         b, nw, n, c = x.shape
         h = self.num_heads
-        # [q | k | v] column blocks, then heads: (3, B, nW, H, N, Dh)
-        qkv = self.qkv(x).reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k).astype(jnp.float32)
+        # [q | k | v] column blocks, then heads. k comes transposed, and the outputs keep their
+        # heads apart until the end: XLA's CPU batched matmul on these 49 x 32 blocks runs about
+        # twice as fast with both operands as (.., M, K) x (.., K, N) as with one transposed.
+        qkv = self.qkv(x).reshape(b, nw, n, 3, h, c // h)
+        q = qkv[:, :, :, 0].transpose(0, 1, 3, 2, 4) * self.scale  # (B, nW, H, N, Dh)
+        k_t = qkv[:, :, :, 1].transpose(0, 1, 3, 4, 2)  # (B, nW, H, Dh, N)
+        v = qkv[:, :, :, 2].transpose(0, 1, 3, 2, 4)
+        logits = jnp.einsum("bwhqd,bwhdk->bwhqk", q, k_t).astype(jnp.float32)
         table = self.relative_position_bias_table[...]
         bias = table[relative_position_index(self.window)].transpose(2, 0, 1)  # (H, N, N)
         logits = logits + bias
         if mask is not None:
             logits = logits + jnp.asarray(mask)[None, :, None]
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bwhqk,bwhkd->bwqhd", probs, v).reshape(b, nw, n, c)
+        out = jnp.einsum("bwhqk,bwhkd->bwhqd", probs, v).transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
         return self.proj(out)
 
 
