@@ -2,8 +2,9 @@
 
 BITA's captioning search (5 beams, up to 21 new tokens, eos "\\n" banned for 4 tokens) from a
 32-query prefix of random embeddings, float32 on CPU. Both run in one process with the same
-weights; torch gets `threads` intra-op threads (XLA's CPU backend uses its own pool over all
-cores, which cannot be changed after JAX starts). Our compile is excluded (one warm-up call).
+weights and are timed in turns, ours then HF's, `repeats` times (the median of each). torch
+gets `threads` intra-op threads (XLA's CPU backend uses its own pool over all cores, which
+cannot be changed after JAX starts). Our compile is excluded (one warm-up call each).
 
     python tools/bench_generate.py [--batch-sizes 4,16] [--threads N] [--repeats 3]
 """
@@ -11,22 +12,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import numpy as np
 
 
-def _timed(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """The median seconds of each function, timed in turns (a, b, a, b, ...) so that both sides
+    see the same moments of a shared machine; each is called once first, untimed."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, hf_repeats=1, prefix_len=32, seed=0,
-                   device="cpu") -> list[dict]:
+def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, prefix_len=32, seed=0, device="cpu") -> list[dict]:
     """One row of timings per batch size; `device="cuda"` runs both sides on the GPU instead."""
     import jax
     import torch
@@ -59,7 +65,6 @@ def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, hf_repeats=1, p
         t0 = time.perf_counter()
         out = jax.block_until_ready(run(jp, jm))
         compile_s = time.perf_counter() - t0
-        ours_s = _timed(lambda: jax.block_until_ready(run(jp, jm)), repeats)
 
         tp = torch.as_tensor(prefix, device=device)
         tm = torch.as_tensor(mask, dtype=torch.long, device=device)
@@ -72,8 +77,9 @@ def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, hf_repeats=1, p
             sync()
             return out
 
-        ref = hf_run().cpu().numpy()  # warm-up, and the tokens to compare
-        hf_s = _timed(hf_run, hf_repeats)
+        ref = hf_run().cpu().numpy()  # the tokens to compare
+        median = _interleaved({"ours": lambda: jax.block_until_ready(run(jp, jm)), "hf": hf_run}, repeats)
+        ours_s, hf_s = median["ours"], median["hf"]
         ref = np.pad(ref, ((0, 0), (0, 21 - ref.shape[1])), constant_values=1)
         rows.append(dict(
             batch=b, device=device, beams=5, new_tokens=21, prefix=prefix_len, torch_threads=threads,
@@ -93,8 +99,7 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    hf_repeats = args.repeats if args.device == "cuda" else 1  # HF on CPU takes seconds per batch
-    for row in bench_generate(sizes, args.threads, args.repeats, hf_repeats, device=args.device):
+    for row in bench_generate(sizes, args.threads, args.repeats, device=args.device):
         print(row)
 
 
