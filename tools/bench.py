@@ -420,13 +420,13 @@ def _torch_bita_step(bcfg, batch: dict, threads: int):
 
 
 def bench_bita(repeats: int, batch: int, dtype: str, quick: bool, text_len: int = 24, threads: int | None = None,
-               torch_side: bool = True):
+               torch_side: bool = True, opt_preset: str = "opt_125m"):
     """BITA stage-2 training images/s: our trainer's step vs an HF-module stand-in in PyTorch."""
     from rsvl_jax import tasks
     from rsvl_jax.tasks import bita as bita_task
 
     threads = threads or os.cpu_count()
-    config = bita_config(batch, dtype, quick)
+    config = bita_config(batch, dtype, quick, opt_preset)
     task = tasks.get(config)
     bcfg = bita_task.model_config(config)
     text_len = min(text_len, bcfg.max_txt_len)
@@ -477,8 +477,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the tool itself runs")
     parser.add_argument("--reference", default=None, metavar="CHECKOUT",
                         help="pir: a checkout of the original PIR code (jaychempan/PIR) to time at the same shapes")
+    parser.add_argument("--opt", default="opt_125m", help="bita, generate: the OPT preset's shape (e.g. opt_2_7b)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="generate: where both sides run")
     parser.add_argument("--only", default=None, help="encoders: only the models whose name contains this (e.g. resnet)")
     args = parser.parse_args(argv)
+    from rsvl_jax.models.opt import PRESETS as OPT_PRESETS
+
+    if args.opt not in OPT_PRESETS:
+        parser.error(f"--opt {args.opt}: not an OPT preset (one of {', '.join(sorted(OPT_PRESETS))})")
     if args.what == "encoders":
         bench_encoders(args.repeats, args.quick, args.only)
     elif args.what == "pir":
@@ -487,11 +493,12 @@ def main(argv=None):
         bench_chunks(args.repeats, args.batch or 64, args.quick)
     elif args.what == "bita":
         bench_bita(args.repeats, args.batch or 4, args.dtype, args.quick, args.text_len, args.threads,
-                   torch_side=not args.no_torch)
+                   torch_side=not args.no_torch, opt_preset=args.opt)
     else:
         from bench_generate import bench_generate
 
-        rows = bench_generate(batch_sizes=(4,) if args.quick else (4, 16), repeats=args.repeats)
+        rows = bench_generate(batch_sizes=(4,) if args.quick else (4, 16), repeats=args.repeats, device=args.device,
+                              opt_preset=args.opt, dtype=args.dtype)
         _table(rows, list(rows[0]))
 
 
