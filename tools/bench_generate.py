@@ -13,22 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import time
 
 import numpy as np
 
-
-def _interleaved(fns: dict, repeats: int) -> dict:
-    """The median seconds of each (already warmed-up) function, timed in turns (a, b, a, b, ...)
-    so that both sides see the same moments of a shared machine."""
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402  (tools/timing.py)
 
 
 def _hf_config(opt):
@@ -99,7 +90,7 @@ def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, prefix_len=32, 
             return out
 
         ref = hf_run().cpu().numpy()  # the tokens to compare
-        median = _interleaved({"ours": lambda: jax.block_until_ready(run(jp, jm)), "hf": hf_run}, repeats)
+        median = timing.interleaved({"ours": lambda: jax.block_until_ready(run(jp, jm)), "hf": hf_run}, repeats)
         ours_s, hf_s = median["ours"], median["hf"]
         ref = np.pad(ref, ((0, 0), (0, 21 - ref.shape[1])), constant_values=1)
         rows.append(dict(
