@@ -9,10 +9,11 @@ pir       PIR train-step and eval images/s for the paper configuration (configs/
           optimiser and loss through `train.make_train_step`). `--reference CHECKOUT` also times
           the original PIR code of a checkout of jaychempan/PIR (tools/bench_reference.py).
 bita      BITA stage-2 training images/s (configs/bita.py:stage=2: ViT-L/14 21 blocks + the full
-          IFT, with an OPT-125m-shaped frozen decoder), the trainer's step vs a PyTorch stand-in
-          built from HF modules at the same shapes (Blip2QFormerModel mixes tokens by
-          self-attention, not BITA's Fourier mixing), MFU of both from our step's FLOP count.
-generate  5-beam captioning throughput vs HF generate (tools/bench_generate.py).
+          IFT, with an OPT-125m-shaped frozen decoder, or --opt another preset's), the trainer's
+          step vs a PyTorch stand-in built from HF modules at the same shapes (Blip2QFormerModel
+          mixes tokens by self-attention, not BITA's Fourier mixing), MFU of both from our step's
+          FLOP count.
+generate  5-beam captioning throughput vs HF generate (tools/bench_generate.py; --opt, --device cuda).
 chunks    the GradCache step (config chunk_size) against the full-batch step at the same global
           batch: time and XLA's peak temporary memory (memory_analysis) of the trainer's step.
 
