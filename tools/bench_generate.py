@@ -1,10 +1,11 @@
-"""Beam-search throughput: our jitted decoder vs HF `generate`, same random OPT weights (125m shape by default).
+"""Beam-search throughput: our jitted decoder vs HF `generate`, same random OPT weights.
 
 BITA's captioning search (5 beams, up to 21 new tokens, eos "\\n" banned for 4 tokens) from a
-32-query prefix of random embeddings, float32 on CPU by default. Both run in one process with the same
-weights and are timed in turns, ours then HF's, `repeats` times (the median of each). torch
-gets `threads` intra-op threads (XLA's CPU backend uses its own pool over all cores, which
-cannot be changed after JAX starts). Our compile is excluded (one warm-up call each).
+32-query prefix of random embeddings; by default the OPT-125m shape, float32, on CPU. Both run
+in one process with the same weights and are timed in turns, ours then HF's, `repeats` times
+(the median of each). torch gets `threads` intra-op threads (XLA's CPU backend uses its own
+pool over all cores, which cannot be changed after JAX starts). Our compile is excluded (one
+warm-up call each).
 
     python tools/bench_generate.py [--batch-sizes 4,16] [--threads N] [--repeats 3]
         [--device cuda] [--opt opt_2_7b] [--dtype bfloat16]
@@ -95,7 +96,8 @@ def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, prefix_len=32, 
         ref = np.pad(ref, ((0, 0), (0, 21 - ref.shape[1])), constant_values=1)
         rows.append(dict(
             batch=b, device=device, opt=opt_preset, dtype=dtype, beams=5, new_tokens=21, prefix=prefix_len,
-            torch_threads=threads, cpus=os.cpu_count(), ours_s_per_batch=round(ours_s, 3), hf_s_per_batch=round(hf_s, 3),
+            torch_threads=threads, cpus=os.cpu_count(),
+            ours_s_per_batch=round(ours_s, 3), hf_s_per_batch=round(hf_s, 3),
             ours_captions_per_s=round(b / ours_s, 2), hf_captions_per_s=round(b / hf_s, 2),
             speedup=round(hf_s / ours_s, 2), compile_s=round(compile_s, 1),
             tokens_equal_hf=float(np.mean(np.all(np.asarray(out.tokens) == ref, axis=1))),
