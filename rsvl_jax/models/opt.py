@@ -121,7 +121,9 @@ class KVCache:
 
     `shared` optionally holds a read-only prefix cache of B = N / group rows (slots before
     ours): beams of one batch entry share their prefill instead of each carrying a copy, so
-    reordering beams only moves the generated part (`fork`).
+    reordering beams only moves the generated part (`fork`). Its keys are stored transposed,
+    (B, heads, head_dim, P), so that the per-step prefix logits are a plain (M, K) x (K, N)
+    product (XLA's CPU batched matmul is 2-3x slower with the keys as (P, head_dim)).
     """
 
     k: tuple[jax.Array, ...]
@@ -155,7 +157,7 @@ class KVCache:
             raise ValueError("cannot fork a cache that already has a shared prefix")
         rows = self.mask.shape[0] * n
         zeros = lambda x: jnp.zeros((rows,) + x.shape[1:2] + (max_len,) + x.shape[3:], x.dtype)
-        prefix = KVCache(self.k, self.v, self.mask, self.index)
+        prefix = KVCache(tuple(jnp.swapaxes(k, -1, -2) for k in self.k), self.v, self.mask, self.index)
         return KVCache(tuple(map(zeros, self.k)), tuple(map(zeros, self.v)),
                        jnp.zeros((rows, max_len), jnp.int32), jnp.zeros((), jnp.int32), prefix)
 
@@ -164,6 +166,18 @@ def _positions(full_mask, start, length):
     """HF OPT positions of slots [start, start+length) given the mask of all slots, + offset 2."""
     pos = jnp.cumsum(full_mask, axis=1) * full_mask - 1
     return jax.lax.dynamic_slice_in_dim(pos, start, length, axis=1) + 2
+
+
+def _by_entry(x, b):
+    """(N, H, L, X) -> (B, H, G * L, X): the N = B * G rows of each batch entry stacked per head."""
+    n, h, length, d = x.shape
+    return x.reshape(b, n // b, h, length, d).transpose(0, 2, 1, 3, 4).reshape(b, h, n // b * length, d)
+
+
+def _by_row(x, n, length):
+    """The inverse of `_by_entry`: (B, H, G * L, X) -> (N, H, L, X)."""
+    b, h, _, d = x.shape
+    return x.reshape(b, h, n // b, length, d).transpose(0, 2, 1, 3, 4).reshape(n, h, length, d)
 
 
 def _grouped(x, rows):
@@ -191,8 +205,9 @@ class OPTAttention(nnx.Module):
         q_slots (L,) absolute slot ids of x.
 
         With `cache_kv=(K, V)` the new keys/values are written at slot `start` of those buffers
-        and attention runs over all their slots (plus `shared_kv`'s (B, H, P, Dh) prefix keys,
-        each used by N / B consecutive rows); otherwise over the L new ones.
+        and attention runs over all their slots (plus `shared_kv`'s prefix keys (B, H, Dh, P)
+        and values (B, H, P, Dh), each used by N / B consecutive rows); otherwise over the L
+        new ones.
         """
         q = layers.split_heads(self.q_proj(x) * self.scale, self.heads)  # HF scales after the bias
         k = layers.split_heads(self.k_proj(x), self.heads)
@@ -206,18 +221,19 @@ class OPTAttention(nnx.Module):
         if shared_kv is not None:
             pk, pv = shared_kv
             n, h, length, dh = q.shape
-            qg = q.reshape(pk.shape[0], n // pk.shape[0], h, length, dh)
-            pre = jnp.einsum("bghqd,bhpd->bghqp", qg, pk).reshape(n, h, length, pk.shape[2])
-            logits = jnp.concatenate([pre, logits], axis=-1)
+            b, p_len = pk.shape[0], pk.shape[-1]
+            # The rows of one entry as one (G * L)-row matrix per (entry, head): both prefix
+            # products are then single plain matmuls (3-5x faster on XLA's CPU than batching
+            # over the group axis in place).
+            pre = jnp.einsum("bhmd,bhdp->bhmp", _by_entry(q, b), pk)
+            logits = jnp.concatenate([_by_row(pre, n, length), logits], axis=-1)
         logits = jnp.where(mask, logits.astype(jnp.float32), layers.MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
         if shared_kv is None:
             ctx = jnp.einsum("nhqk,nhkd->nhqd", probs, v)
         else:
-            p_len = pk.shape[2]
-            pg = probs[..., :p_len].reshape(pk.shape[0], n // pk.shape[0], h, length, p_len)
-            ctx = jnp.einsum("bghqp,bhpd->bghqd", pg, pv).reshape(n, h, length, dh)
+            ctx = _by_row(jnp.einsum("bhmp,bhpd->bhmd", _by_entry(probs[..., :p_len], b), pv), n, length)
             ctx = ctx + jnp.einsum("nhqk,nhkd->nhqd", probs[..., p_len:], v)
         out = self.out_proj(layers.merge_heads(ctx))
         return out, (k, v)
