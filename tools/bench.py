@@ -370,6 +370,7 @@ def _torch_bita_step(bcfg, batch: dict, threads: int):
     """The stage-2 step at the same shapes from HF modules (a stand-in: see bench_bita)."""
     import torch
     import transformers as tf
+    from bench_generate import hf_opt_config  # tools/bench_generate.py
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -381,10 +382,7 @@ def _torch_bita_step(bcfg, batch: dict, threads: int):
         hidden_size=q.hidden, num_hidden_layers=q.layers, num_attention_heads=q.heads,
         intermediate_size=q.intermediate, encoder_hidden_size=v.width, cross_attention_frequency=q.cross_attention_freq,
         hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout))
-    opt = tf.OPTForCausalLM(tf.OPTConfig(
-        vocab_size=o.vocab_size, hidden_size=o.hidden, num_hidden_layers=o.layers, num_attention_heads=o.heads,
-        ffn_dim=o.ffn_dim, max_position_embeddings=o.max_positions, word_embed_proj_dim=o.embed_dim,
-        do_layer_norm_before=o.do_layer_norm_before, dropout=o.dropout, attention_dropout=o.attention_dropout))
+    opt = tf.OPTForCausalLM(hf_opt_config(o))
     ln_vision = torch.nn.LayerNorm(v.width)
     query_tokens = torch.nn.Parameter(torch.randn(1, q.num_query_tokens, q.hidden) * 0.02)
     opt_proj = torch.nn.Linear(q.hidden, o.embed_dim)

@@ -23,14 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402  (tools/timing.py)
 
 
-def _hf_config(opt):
-    """The transformers OPTConfig of one of our OPT presets (random weights of that shape)."""
+def hf_opt_config(opt):
+    """The transformers OPTConfig of one of our OPT configs (random weights of that shape)."""
     import transformers
 
     return transformers.OPTConfig(
         vocab_size=opt.vocab_size, hidden_size=opt.hidden, num_hidden_layers=opt.layers, ffn_dim=opt.ffn_dim,
         num_attention_heads=opt.heads, max_position_embeddings=opt.max_positions,
-        word_embed_proj_dim=opt.embed_dim, do_layer_norm_before=opt.do_layer_norm_before)
+        word_embed_proj_dim=opt.embed_dim, do_layer_norm_before=opt.do_layer_norm_before,
+        dropout=opt.dropout, attention_dropout=opt.attention_dropout)
 
 
 def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, prefix_len=32, seed=0, device="cpu",
@@ -56,7 +57,7 @@ def bench_generate(batch_sizes=(4, 16), threads=None, repeats=3, prefix_len=32, 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     preset = dataclasses.replace(opt_lib.PRESETS[opt_preset], dtype=jnp.dtype(dtype))
-    hf = transformers.OPTForCausalLM(_hf_config(preset)).eval()
+    hf = transformers.OPTForCausalLM(hf_opt_config(preset)).eval()
     jax_device = jax.devices("cpu" if device == "cpu" else "gpu")[0]
     with jax.default_device(jax_device):
         ours = from_pytorch("opt", hf.state_dict(), preset)
